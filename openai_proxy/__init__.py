@@ -1,0 +1,1 @@
+"""openai-proxy: a streaming relay for the OpenAI HTTP API, on Twisted."""

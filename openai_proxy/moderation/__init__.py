@@ -1,0 +1,1 @@
+"""Moderation of model output (and optionally input) through a pluggable backend."""

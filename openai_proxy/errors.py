@@ -1,0 +1,87 @@
+"""
+Errors the proxy itself answers with, shaped like the OpenAI API's own
+(C{{"error": {"message", "type", "code"}}}), so the official SDKs raise their
+usual exception classes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from twisted.web.server import Request
+
+JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class ProxyError(Exception):
+    """An error answered by the proxy rather than relayed from the upstream."""
+
+    status: int
+    message: str
+    code: str
+    type: str = "invalid_request_error"
+
+    def body(self) -> bytes:
+        """The OpenAI-style JSON body for this error."""
+        return error_body(self.message, self.type, self.code)
+
+
+def error_body(message: str, type_: str, code: str) -> bytes:
+    """Serialise an OpenAI-style error object."""
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "code": code, "param": None}}
+    ).encode("utf-8")
+
+
+def write_error(request: Request, error: ProxyError) -> None:
+    """
+    Answer C{request} with C{error} and finish it.  Headers already set (CORS,
+    request id) are kept; those describing a relayed body are replaced.
+    """
+    body = error.body()
+    request.setResponseCode(error.status)
+    request.responseHeaders.setRawHeaders(b"content-type", [JSON_CONTENT_TYPE])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.responseHeaders.removeHeader(b"content-encoding")
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+# The errors the relay answers with, named once so tests and code agree.
+MISSING_KEY = ProxyError(
+    401,
+    "No API key: send 'Authorization: Bearer <key>' (or '<openai-key>:<proxy-key>').",
+    "missing_api_key",
+)
+WRONG_PROXY_KEY = ProxyError(
+    403, "The proxy key is not accepted by this proxy.", "invalid_proxy_key", "permission_error"
+)
+NO_UPSTREAM_KEY = ProxyError(
+    401,
+    "No OpenAI key to send upstream: use 'Authorization: Bearer <openai-key>:<proxy-key>'.",
+    "missing_api_key",
+)
+ABSOLUTE_URI = ProxyError(
+    400, "The request target must be a path starting with '/'.", "invalid_request_target"
+)
+BAD_BODY = ProxyError(400, "The request body is not valid JSON.", "invalid_json")
+UPSTREAM_UNREACHABLE = ProxyError(
+    502, "The upstream API could not be reached.", "upstream_unreachable", "api_error"
+)
+UPSTREAM_TIMEOUT = ProxyError(
+    504, "The upstream API did not answer in time.", "upstream_timeout", "api_error"
+)
+UPSTREAM_FAILED = ProxyError(
+    502, "The upstream API broke off the response.", "upstream_error", "api_error"
+)
+
+
+def body_too_large(limit: int) -> ProxyError:
+    """The 413 error for a request body over C{limit} bytes."""
+    return ProxyError(
+        413, f"The request body is larger than this proxy's limit of {limit} bytes.",
+        "request_too_large",
+    )

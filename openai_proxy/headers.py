@@ -1,0 +1,93 @@
+"""
+Which headers cross the proxy, in each direction.
+
+End-to-end headers pass unchanged.  Hop-by-hop headers (and any a
+C{Connection} header names), C{Host}, cookies, credentials and the headers
+that describe a body the proxy may re-frame do not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.web.http_headers import Headers
+
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Never sent upstream: the proxy sets its own C{Host} (from the upstream
+#: URL), C{Authorization} and body framing; the client's cookies, forwarding
+#: hints and accepted encodings are not the upstream's business.
+REQUEST_DROPPED = _HOP_BY_HOP | {
+    b"host",
+    b"authorization",
+    b"cookie",
+    b"cookie2",
+    b"content-length",
+    b"accept-encoding",
+    b"expect",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+    b"x-real-ip",
+}
+
+#: Never sent to the client: the upstream's cookies, its CORS answer (the
+#: proxy gives its own), and headers twisted.web writes itself or that
+#: describe the upstream's framing rather than the body the client gets.
+RESPONSE_DROPPED = _HOP_BY_HOP | {
+    b"set-cookie",
+    b"set-cookie2",
+    b"content-length",
+    b"content-encoding",
+    b"date",
+    b"server",
+    b"access-control-allow-origin",
+    b"access-control-allow-credentials",
+    b"access-control-allow-methods",
+    b"access-control-allow-headers",
+    b"access-control-expose-headers",
+    b"access-control-max-age",
+}
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    # RFC 9110 7.6.1: a header named in Connection is hop-by-hop too.
+    values = headers.getRawHeaders(b"connection") or []
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
+    )
+
+
+def filtered(
+    headers: Headers, dropped: frozenset[bytes]
+) -> Iterable[tuple[bytes, list[bytes]]]:
+    """
+    The (lower-cased name, values) pairs of C{headers} that may cross the
+    proxy, given the set of lower-case names it must C{drop}.
+    """
+    extra = _connection_tokens(headers)
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in dropped or lowered in extra:
+            continue
+        yield lowered, list(values)
+
+
+def copy_headers(source: Headers, dropped: frozenset[bytes], target: Headers) -> None:
+    """Copy the headers of C{source} that may cross the proxy into C{target}."""
+    for name, values in filtered(source, dropped):
+        target.setRawHeaders(name, values)

@@ -1,0 +1,393 @@
+"""
+The relay: a C{twisted.web} resource that forwards any request to the
+configured upstream and streams the response back as it arrives.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from openai_proxy import errors
+from openai_proxy.access import log_request
+from openai_proxy.auth import KeyPolicy
+from openai_proxy.config import Config
+from openai_proxy.cors import CORS
+from openai_proxy.errors import ProxyError, write_error
+from openai_proxy.headers import REQUEST_DROPPED, RESPONSE_DROPPED, copy_headers
+from openai_proxy.relay import BodyRelay, BytesProducer, UpstreamTimeout
+from openai_proxy.upstream import Upstreams
+
+_log = Logger()
+
+#: Request fields the Node project used for moderation; the upstream rejects
+#: unknown fields, so they never go there.
+_LOCAL_FIELDS = ("moderation", "moderation_level")
+_HEALTHY = b'{"status": "ok"}'
+_DRAINING = b'{"status": "draining"}'
+_SSE = b"text/event-stream"
+_SPOOLED_BODY = 100_000  # twisted.web keeps smaller bodies in a BytesIO
+
+
+class _StreamModerator(Protocol):
+    blocked: bool
+
+    def feed(self, data: bytes) -> None: ...
+    def end(self) -> Deferred[None]: ...
+    def abandon(self) -> None: ...
+
+
+class _Plan(Protocol):
+    stream: bool
+
+    def stream_moderator(
+        self, write: Any, stop_upstream: Any, upstream_key: str
+    ) -> _StreamModerator: ...
+
+    def moderate_body(self, body: bytes, upstream_key: str) -> Deferred[tuple[bytes, bool]]: ...
+
+
+class _Exchange:
+    """
+    One client request in flight, and what must happen if its client hangs
+    up: cancel the upstream request, or close the upstream connection.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.gone = False
+        self.ended = False
+        self.pending: Deferred[IResponse] | None = None
+        self.relay: BodyRelay | None = None
+        self.moderator: _StreamModerator | None = None
+        self.upstream_host: str | None = None
+        request.notifyFinish().addErrback(self._client_left)
+
+    def _client_left(self, reason: Failure) -> None:
+        self.gone = True
+        if self.pending is not None:
+            self.pending.cancel()
+        if self.moderator is not None:
+            self.moderator.abandon()
+        if self.relay is not None:
+            self.relay.forget_consumer()
+            self.relay.stop()
+
+    def write(self, data: bytes) -> None:
+        if not self.gone:
+            self.request.write(data)
+
+    def _closing(self) -> bool:
+        # True once: the response may be ended by exactly one of these.
+        if self.relay is not None:
+            self.relay.release()
+        if self.gone or self.ended:
+            return False
+        self.ended = True
+        return True
+
+    def finish(self) -> None:
+        if self._closing():
+            self.request.finish()
+
+    def fail(self, error: ProxyError) -> None:
+        if self._closing():
+            write_error(self.request, error)
+
+    def abort(self) -> None:
+        if self._closing():
+            self.request.loseConnection()
+
+
+def upstream_error(failure: Failure) -> ProxyError:
+    """The error a client gets when the upstream request failed before headers."""
+    if failure.check(ResponseNeverReceived):
+        reasons = failure.value.reasons
+        if any(r.check(CancelledError) for r in reasons):
+            return errors.UPSTREAM_TIMEOUT
+        return errors.UPSTREAM_FAILED
+    if failure.check(CancelledError, ConnectingCancelledError, TimeoutError):
+        return errors.UPSTREAM_TIMEOUT
+    return errors.UPSTREAM_UNREACHABLE
+
+
+class ProxyResource(Resource):
+    """
+    Forwards every request below it to an upstream chosen by key, relaying
+    the response as it arrives.  Answers C{OPTIONS} and C{/healthz} itself.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: IReactorTime,
+        client: HTTPClient,
+        *,
+        moderation: Any = None,
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._client = client
+        self._keys = KeyPolicy(config.proxy_keys, config.openai_keys)
+        self._upstreams = Upstreams(config.upstream, config.routes)
+        self._cors = CORS(config.cors_origins)
+        self._timeout = config.timeout
+        self._moderation = moderation
+        self.draining = False
+
+    def render(self, request: Request) -> bytes | int:
+        self._cors.apply(request)
+        started = self._reactor.seconds()
+        if not request.uri.startswith(b"/"):
+            write_error(request, errors.ABSOLUTE_URI)
+            return NOT_DONE_YET
+        if request.method == b"OPTIONS":
+            return self._cors.preflight(request)
+        if request.path == b"/healthz":
+            return self._health(request)
+        exchange = _Exchange(request)
+        request.notifyFinish().addBoth(self._log_access, exchange, started)
+        Deferred.fromCoroutine(self._relay(exchange)).addErrback(self._crashed, exchange)
+        return NOT_DONE_YET
+
+    def _health(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", errors.JSON_CONTENT_TYPE)
+        request.setHeader(b"cache-control", b"no-store")
+        if self.draining:
+            request.setResponseCode(503)
+            return _DRAINING
+        return _HEALTHY
+
+    async def _relay(self, exchange: _Exchange) -> None:
+        request = exchange.request
+        try:
+            key = self._keys.upstream_key(request.getHeader(b"authorization"))
+            body, fields = self._body(request)
+            plan = self._plan(request, fields)
+            if plan is not None and fields is not None:
+                await self._moderation.check_input(plan, fields, key)
+            response = await self._send(exchange, key, body)
+        except ProxyError as e:
+            exchange.fail(e)
+            return
+        except Exception as e:
+            refused = _as_proxy_error(e)
+            if refused is None:
+                raise
+            exchange.fail(refused)
+            return
+        if response is None:
+            return
+        await self._respond(exchange, response, plan, key)
+
+    def _body(self, request: Request) -> tuple[IBodyProducer | None, dict[str, Any] | None]:
+        """
+        The body to send upstream, and the request's JSON object when it had
+        to be read (to remove the local fields, or for moderation).
+        """
+        content = request.content
+        if content is None:
+            return None, None
+        size = content.seek(0, 2)
+        content.seek(0)
+        if size == 0:
+            has_body = request.getHeader(b"content-length") is not None or (
+                request.getHeader(b"transfer-encoding") is not None
+            )
+            return (BytesProducer(b"") if has_body else None), None
+        ctype = (request.getHeader(b"content-type") or b"").lower()
+        if not ctype.startswith(b"application/json"):
+            if size < _SPOOLED_BODY:
+                return BytesProducer(content.read()), None
+            return FileBodyProducer(content), None
+        raw = content.read()
+        if b'"moderation' not in raw and self._moderation is None:
+            return BytesProducer(raw), None
+        try:
+            fields = json.loads(raw)
+        except ValueError:
+            # Not ours to judge: the upstream answers malformed JSON itself.
+            return BytesProducer(raw), None
+        if not isinstance(fields, dict):
+            return BytesProducer(raw), None
+        if any(name in fields for name in _LOCAL_FIELDS):
+            stripped = {k: v for k, v in fields.items() if k not in _LOCAL_FIELDS}
+            raw = json.dumps(stripped, ensure_ascii=False, separators=(",", ":")).encode()
+        return BytesProducer(raw), fields
+
+    def _plan(self, request: Request, fields: dict[str, Any] | None) -> _Plan | None:
+        if self._moderation is None:
+            return None
+        plan: _Plan | None = self._moderation.plan(request.path, fields)
+        return plan
+
+    async def _send(
+        self, exchange: _Exchange, key: str, body: IBodyProducer | None
+    ) -> IResponse | None:
+        request = exchange.request
+        base = self._upstreams.base_for(key)
+        exchange.upstream_host = self._upstreams.host_of(base)
+        headers = Headers()
+        copy_headers(request.requestHeaders, REQUEST_DROPPED, headers)
+        headers.setRawHeaders(b"authorization", [b"Bearer " + key.encode("ascii")])
+        try:
+            url = Upstreams.url(base, request.uri).decode("ascii")
+        except (ValueError, UnicodeDecodeError):
+            raise errors.ABSOLUTE_URI from None
+        d = self._client.request(
+            request.method.decode("ascii"),
+            url,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            unbuffered=True,
+            timeout=self._timeout,
+        )
+        exchange.pending = d
+        try:
+            response: IResponse = await d
+        except Exception:
+            if exchange.gone:
+                return None
+            failure = Failure()
+            error = upstream_error(failure)
+            _log.info(
+                "upstream {host} failed: {error}",
+                host=exchange.upstream_host,
+                error=failure.getErrorMessage(),
+            )
+            raise error from None
+        finally:
+            exchange.pending = None
+        return response
+
+    async def _respond(
+        self, exchange: _Exchange, response: IResponse, plan: _Plan | None, key: str
+    ) -> None:
+        request = exchange.request
+        request.setResponseCode(response.code, response.phrase)
+        copy_headers(response.headers, RESPONSE_DROPPED, request.responseHeaders)
+        ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
+        sse = ctype.startswith(_SSE)
+        if sse:
+            request.setHeader(b"cache-control", b"no-cache")
+            request.setHeader(b"x-accel-buffering", b"no")
+        if plan is not None and response.code == 200 and plan.stream == sse:
+            if sse:
+                await self._relay_moderated_stream(exchange, response, plan, key)
+            else:
+                await self._relay_moderated_body(exchange, response, plan, key)
+        else:
+            if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+                request.setHeader(b"content-length", b"%d" % response.length)
+            broken = await self._deliver(exchange, response, exchange.write)
+            if broken is not None:
+                self._broken_body(exchange, broken, sse)
+        exchange.finish()
+
+    async def _deliver(
+        self, exchange: _Exchange, response: IResponse, sink: Callable[[bytes], None]
+    ) -> Failure | None:
+        """
+        Deliver the response body to C{sink} as it arrives; return L{None}
+        when it ended normally, else why it did not.
+        """
+        relay = BodyRelay(sink, exchange.request, self._reactor, self._timeout)
+        exchange.relay = relay
+        response.deliverBody(relay)
+        try:
+            await relay.done
+        except Exception:
+            return Failure()
+        return None
+
+    def _broken_body(self, exchange: _Exchange, failure: Failure, sse: bool) -> None:
+        """Tell the client, as well as its response still allows, that the body broke off."""
+        if exchange.gone:
+            return
+        request = exchange.request
+        timed_out = failure.check(UpstreamTimeout) is not None
+        error = errors.UPSTREAM_TIMEOUT if timed_out else errors.UPSTREAM_FAILED
+        _log.info(
+            "upstream {host} body ended early: {why}",
+            host=exchange.upstream_host,
+            why="idle timeout" if timed_out else failure.getErrorMessage(),
+        )
+        if not request.startedWriting:
+            exchange.fail(error)
+        elif sse:
+            # The SDKs raise an APIError on an "error" event: the reader
+            # learns that the answer is cut short, not just that it ended.
+            exchange.write(b"event: error\ndata: " + error.body() + b"\n\n")
+        else:
+            # Mid-body, only a closed connection says "incomplete".
+            exchange.abort()
+
+    async def _relay_moderated_stream(
+        self, exchange: _Exchange, response: IResponse, plan: _Plan, key: str
+    ) -> None:
+        def stop_upstream() -> None:
+            if exchange.relay is not None:
+                exchange.relay.stop()
+
+        moderator = plan.stream_moderator(exchange.write, stop_upstream, key)
+        exchange.moderator = moderator
+        broken = await self._deliver(exchange, response, moderator.feed)
+        await moderator.end()
+        if broken is not None and not moderator.blocked:
+            self._broken_body(exchange, broken, True)
+
+    async def _relay_moderated_body(
+        self, exchange: _Exchange, response: IResponse, plan: _Plan, key: str
+    ) -> None:
+        chunks: list[bytes] = []
+        broken = await self._deliver(exchange, response, chunks.append)
+        if broken is not None:
+            self._broken_body(exchange, broken, False)
+            return
+        body, blocked = await plan.moderate_body(b"".join(chunks), key)
+        request = exchange.request
+        request.setHeader(b"x-moderation", b"blocked" if blocked else b"pass")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        exchange.write(body)
+
+    def _crashed(self, failure: Failure, exchange: _Exchange) -> None:
+        _log.failure("relay failed unexpectedly", failure)
+        exchange.fail(
+            ProxyError(500, "The proxy failed to handle this request.", "proxy_error", "api_error")
+        )
+
+    def _log_access(self, result: object, exchange: _Exchange, started: float) -> None:
+        request = exchange.request
+        log_request(
+            method=request.method,
+            path=request.path,
+            status=request.code if not exchange.gone else 499,
+            bytes_out=request.sentLength,
+            duration=self._reactor.seconds() - started,
+            upstream=exchange.upstream_host,
+        )
+
+
+def _as_proxy_error(e: Exception) -> ProxyError | None:
+    # Moderation refuses requests with its own exception type; anything with
+    # the same shape becomes the same JSON error.
+    status, message, code = (getattr(e, a, None) for a in ("status", "message", "code"))
+    if isinstance(status, int) and isinstance(message, str) and isinstance(code, str):
+        return ProxyError(status, message, code, getattr(e, "type", "invalid_request_error"))
+    return None

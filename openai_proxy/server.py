@@ -1,0 +1,102 @@
+"""
+The HTTP server side: a C{Site} whose requests refuse oversized bodies
+before reading them in full.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from openai_proxy import errors
+
+
+class ProxyRequest(Request):
+    """
+    A request that answers 413 as soon as its body is known to be larger
+    than the site's C{max_body}: at the headers when C{Content-Length} says
+    so, else once a chunked body passes the limit.  The rest of the body is
+    then discarded, not stored, and the connection closed after it.
+    """
+
+    channel: Any
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.channel.site.max_body:
+            expecting = self.requestHeaders.getRawHeaders(b"expect")
+            # No "100 Continue": the client need not send the body at all.
+            self.requestHeaders.removeHeader(b"expect")
+            self._refuse()
+            if expecting:
+                # It is waiting for our word before sending: nothing to drain.
+                self.channel.loseConnection()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_body:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            self.channel.loseConnection()
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        if self.content is not None:
+            self.content.close()
+            self.content = None
+        site: ProxySite = self.channel.site
+        body = errors.body_too_large(site.max_body).body()
+        head = [
+            b"HTTP/1.1 413 Content Too Large",
+            b"Content-Type: " + errors.JSON_CONTENT_TYPE,
+            b"Content-Length: %d" % len(body),
+            b"Connection: close",
+        ]
+        if site.allow_any_origin:
+            head.append(b"Access-Control-Allow-Origin: *")
+        self.channel.persistent = False
+        # Written straight to the connection: the request line and headers
+        # are parsed, but the request will never reach a resource.
+        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        site.refused(self)
+
+
+class ProxySite(Site):
+    """
+    The proxy's C{Site}: no form parsing (a relay never needs it), no
+    combined-format access log (the resource logs each request with keyword
+    fields and no secrets), and the body-size limit its requests enforce.
+    """
+
+    requestFactory = ProxyRequest
+
+    def __init__(
+        self,
+        resource: IResource,
+        max_body: int,
+        *,
+        allow_any_origin: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        self.max_body = max_body
+        self.allow_any_origin = allow_any_origin
+
+    def log(self, request: Request) -> None:
+        pass
+
+    def refused(self, request: ProxyRequest) -> None:
+        """Called when a request is refused as too large (a hook for logs)."""

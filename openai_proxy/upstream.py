@@ -1,0 +1,93 @@
+"""
+The upstream side: where a request goes, and the HTTP client that takes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from http.cookiejar import CookieJar
+from typing import Any
+from urllib.parse import urlsplit
+
+import treq.client
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from treq.cookies import IndexableCookieJar
+
+
+class _NoCookies(IndexableCookieJar):
+    """
+    A cookie jar that keeps nothing: treq's client would otherwise carry one
+    caller's upstream cookies into the next caller's requests.
+    """
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+    def set_cookie(self, cookie: Any) -> None:
+        pass
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+
+class Upstreams:
+    """
+    The configured upstream base URLs, and the choice between them: a key
+    starting with a route's prefix goes to that route's URL, any other key to
+    the default.  No other host is ever named.
+    """
+
+    def __init__(self, default: str, routes: Sequence[tuple[str, str]] = ()) -> None:
+        self._default = default.encode("ascii")
+        # Longest prefix first, so "fk-x" can be routed apart from "fk".
+        self._routes = sorted(
+            ((p, u.encode("ascii")) for p, u in routes), key=lambda r: -len(r[0])
+        )
+        self.hosts = frozenset(
+            urlsplit(u).netloc for u in [default, *(u for _, u in routes)]
+        )
+
+    def base_for(self, upstream_key: str) -> bytes:
+        """The base URL (no trailing slash) a request sent with this key goes to."""
+        for prefix, url in self._routes:
+            if upstream_key.startswith(prefix):
+                return url
+        return self._default
+
+    @staticmethod
+    def url(base: bytes, target: bytes) -> bytes:
+        """
+        The upstream URL for a request target.  C{target} must start with
+        C{/}: appended to a base URL it can then only name a path on that
+        base's host.
+        """
+        if not target.startswith(b"/"):
+            raise ValueError("request target must start with /")
+        return base + target
+
+    @staticmethod
+    def host_of(base: bytes) -> str:
+        """The host[:port] of a base URL, for logs."""
+        return urlsplit(base.decode("ascii")).netloc
+
+
+def make_pool(reactor: Any, max_persistent_per_host: int = 64) -> HTTPConnectionPool:
+    """A persistent connection pool sized for a busy relay."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_persistent_per_host
+    # An idle keep-alive connection may be closed by the upstream at any
+    # moment; twisted retries idempotent requests on such a connection.
+    pool.retryAutomatically = True
+    return pool
+
+
+def make_client(reactor: IReactorTime, pool: HTTPConnectionPool) -> treq.client.HTTPClient:
+    """
+    A treq client over C{pool} that stores no cookies.  Callers pass
+    C{allow_redirects=False}: a redirect must reach the client, not be
+    followed to a host nobody configured.
+    """
+    jar: CookieJar = _NoCookies()
+    return treq.client.HTTPClient(Agent(reactor, pool=pool), cookiejar=jar)  # type: ignore[arg-type]

@@ -27,7 +27,9 @@ class ProxyApp(Service):
         self.pool = make_pool(reactor)
         self.client = make_client(reactor, self.pool)
         self.moderation = None
-        self.resource = ProxyResource(config, reactor, self.client, moderation=self.moderation)
+        self.resource = ProxyResource(
+            config, reactor, self.client, moderation=self.moderation
+        )
         self.site = ProxySite(
             self.resource, config.max_body, allow_any_origin="*" in config.cors_origins
         )

@@ -92,7 +92,9 @@ class KeyPolicy:
         if token is None:
             raise errors.MISSING_KEY
         parts = split_token(token, server_keys=self._server_keys)
-        if self._proxy_keys and not _matches_any(parts.proxy_key or "", self._proxy_keys):
+        if self._proxy_keys and not _matches_any(
+            parts.proxy_key or "", self._proxy_keys
+        ):
             raise errors.WRONG_PROXY_KEY
         if self._server_keys:
             return next(self._openai_keys)

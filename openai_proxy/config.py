@@ -59,7 +59,9 @@ def parse_bool(setting: str, raw: str | None, default: bool) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise ConfigError(setting, f"expected 1/0, true/false, yes/no or on/off, got {raw!r}")
+    raise ConfigError(
+        setting, f"expected 1/0, true/false, yes/no or on/off, got {raw!r}"
+    )
 
 
 def parse_positive(
@@ -95,7 +97,10 @@ def split_list(raw: str | None) -> tuple[str, ...]:
     if not raw:
         return ()
     return tuple(
-        item.strip() for line in raw.splitlines() for item in line.split(",") if item.strip()
+        item.strip()
+        for line in raw.splitlines()
+        for item in line.split(",")
+        if item.strip()
     )
 
 
@@ -124,7 +129,7 @@ def parse_base_url(setting: str, raw: str) -> str:
             setting, f"the URL must not carry a query, fragment or credentials: {raw!r}"
         )
     try:
-        parts.port
+        _ = parts.port  # urlsplit only validates the port when asked for it
     except ValueError:
         raise ConfigError(setting, f"bad port in {raw!r}") from None
     return url.rstrip("/")
@@ -174,7 +179,9 @@ class Config:
             routes=_routes(routes, source("", "ROUTES")),
             proxy_keys=_keys(source, "proxy-key-file", "PROXY_KEY"),
             openai_keys=_keys(source, "openai-key-file", "OPENAI_KEY"),
-            timeout=parse_positive("--timeout/TIMEOUT", source("timeout", "TIMEOUT"), 30000)
+            timeout=parse_positive(
+                "--timeout/TIMEOUT", source("timeout", "TIMEOUT"), 30000
+            )
             / 1000.0,
             max_body=int(
                 parse_positive(
@@ -185,7 +192,9 @@ class Config:
                 )
             ),
             cors_origins=split_list(source("cors-origins", "CORS_ORIGINS") or "*"),
-            open_proxy=parse_bool("--open/OPEN_PROXY", source("open", "OPEN_PROXY"), False),
+            open_proxy=parse_bool(
+                "--open/OPEN_PROXY", source("open", "OPEN_PROXY"), False
+            ),
             moderation=ModerationConfig.load(source),
         )._checked()
 
@@ -208,11 +217,15 @@ def _listen(options: Sequence[str], port: str | None) -> tuple[str, ...]:
     port = port.strip()
     if port.isdigit():
         if not 0 < int(port) < 65536:
-            raise ConfigError("PORT", f"expected a port number from 1 to 65535, got {port!r}")
+            raise ConfigError(
+                "PORT", f"expected a port number from 1 to 65535, got {port!r}"
+            )
         return (f"tcp:{port}",)
     # An endpoint description (tcp:..., ssl:..., unix:...) is accepted too.
     if ":" not in port:
-        raise ConfigError("PORT", f"expected a port number or endpoint description, got {port!r}")
+        raise ConfigError(
+            "PORT", f"expected a port number or endpoint description, got {port!r}"
+        )
     return (port,)
 
 
@@ -240,5 +253,7 @@ def _keys(source: Source, file_option: str, env_name: str) -> tuple[str, ...]:
         keys = split_list(source("", env_name))
     for key in keys:
         if any(c.isspace() for c in key) or not key.isprintable():
-            raise ConfigError(env_name, "a key contains whitespace or control characters")
+            raise ConfigError(
+                env_name, "a key contains whitespace or control characters"
+            )
     return keys

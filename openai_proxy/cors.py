@@ -44,7 +44,8 @@ class CORS:
         headers.setRawHeaders(b"access-control-allow-methods", [_ALLOW_METHODS])
         asked = request.requestHeaders.getRawHeaders(b"access-control-request-headers")
         headers.setRawHeaders(
-            b"access-control-allow-headers", [asked[0] if asked else _DEFAULT_ALLOW_HEADERS]
+            b"access-control-allow-headers",
+            [asked[0] if asked else _DEFAULT_ALLOW_HEADERS],
         )
         headers.setRawHeaders(b"access-control-max-age", [_MAX_AGE])
         headers.setRawHeaders(b"content-length", [b"0"])

@@ -57,7 +57,10 @@ MISSING_KEY = ProxyError(
     "missing_api_key",
 )
 WRONG_PROXY_KEY = ProxyError(
-    403, "The proxy key is not accepted by this proxy.", "invalid_proxy_key", "permission_error"
+    403,
+    "The proxy key is not accepted by this proxy.",
+    "invalid_proxy_key",
+    "permission_error",
 )
 NO_UPSTREAM_KEY = ProxyError(
     401,
@@ -65,7 +68,9 @@ NO_UPSTREAM_KEY = ProxyError(
     "missing_api_key",
 )
 ABSOLUTE_URI = ProxyError(
-    400, "The request target must be a path starting with '/'.", "invalid_request_target"
+    400,
+    "The request target must be a path starting with '/'.",
+    "invalid_request_target",
 )
 BAD_BODY = ProxyError(400, "The request body is not valid JSON.", "invalid_json")
 UPSTREAM_UNREACHABLE = ProxyError(
@@ -82,6 +87,7 @@ UPSTREAM_FAILED = ProxyError(
 def body_too_large(limit: int) -> ProxyError:
     """The 413 error for a request body over C{limit} bytes."""
     return ProxyError(
-        413, f"The request body is larger than this proxy's limit of {limit} bytes.",
+        413,
+        f"The request body is larger than this proxy's limit of {limit} bytes.",
         "request_too_large",
     )

@@ -68,7 +68,10 @@ def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     # RFC 9110 7.6.1: a header named in Connection is hop-by-hop too.
     values = headers.getRawHeaders(b"connection") or []
     return frozenset(
-        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
+        token.strip().lower()
+        for value in values
+        for token in value.split(b",")
+        if token.strip()
     )
 
 

@@ -43,6 +43,9 @@ class BytesProducer:
         pass
 
 
+_DONE = Failure(ResponseDone())
+
+
 class UpstreamTimeout(Exception):
     """The upstream body was silent for longer than the idle limit."""
 
@@ -87,8 +90,11 @@ class BodyRelay(Protocol):
 
     def stop(self) -> None:
         """Close the upstream connection; L{done} then fires."""
-        if self.transport is not None:
-            self.transport.stopProducing()
+        # Response bodies are delivered over a producer (twisted's
+        # TransportProxyProducer), not a plain ITransport.
+        producer: Any = self.transport
+        if producer is not None:
+            producer.stopProducing()
 
     def release(self) -> None:
         """Stop being the client's producer (before it finishes, or once it has gone)."""
@@ -100,7 +106,7 @@ class BodyRelay(Protocol):
         """The client has gone: never touch its request again."""
         self._registered = False
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -57,7 +57,9 @@ class _Plan(Protocol):
         self, write: Any, stop_upstream: Any, upstream_key: str
     ) -> _StreamModerator: ...
 
-    def moderate_body(self, body: bytes, upstream_key: str) -> Deferred[tuple[bytes, bool]]: ...
+    def moderate_body(
+        self, body: bytes, upstream_key: str
+    ) -> Deferred[tuple[bytes, bool]]: ...
 
 
 class _Exchange:
@@ -70,7 +72,7 @@ class _Exchange:
         self.request = request
         self.gone = False
         self.ended = False
-        self.pending: Deferred[IResponse] | None = None
+        self.pending: Deferred[Any] | None = None
         self.relay: BodyRelay | None = None
         self.moderator: _StreamModerator | None = None
         self.upstream_host: str | None = None
@@ -114,7 +116,7 @@ class _Exchange:
 
 def upstream_error(failure: Failure) -> ProxyError:
     """The error a client gets when the upstream request failed before headers."""
-    if failure.check(ResponseNeverReceived):
+    if isinstance(failure.value, ResponseNeverReceived):
         reasons = failure.value.reasons
         if any(r.check(CancelledError) for r in reasons):
             return errors.UPSTREAM_TIMEOUT
@@ -162,7 +164,9 @@ class ProxyResource(Resource):
             return self._health(request)
         exchange = _Exchange(request)
         request.notifyFinish().addBoth(self._log_access, exchange, started)
-        Deferred.fromCoroutine(self._relay(exchange)).addErrback(self._crashed, exchange)
+        Deferred.fromCoroutine(self._relay(exchange)).addErrback(
+            self._crashed, exchange
+        )
         return NOT_DONE_YET
 
     def _health(self, request: Request) -> bytes:
@@ -195,7 +199,9 @@ class ProxyResource(Resource):
             return
         await self._respond(exchange, response, plan, key)
 
-    def _body(self, request: Request) -> tuple[IBodyProducer | None, dict[str, Any] | None]:
+    def _body(
+        self, request: Request
+    ) -> tuple[IBodyProducer | None, dict[str, Any] | None]:
         """
         The body to send upstream, and the request's JSON object when it had
         to be read (to remove the local fields, or for moderation).
@@ -227,7 +233,9 @@ class ProxyResource(Resource):
             return BytesProducer(raw), None
         if any(name in fields for name in _LOCAL_FIELDS):
             stripped = {k: v for k, v in fields.items() if k not in _LOCAL_FIELDS}
-            raw = json.dumps(stripped, ensure_ascii=False, separators=(",", ":")).encode()
+            raw = json.dumps(
+                stripped, ensure_ascii=False, separators=(",", ":")
+            ).encode()
         return BytesProducer(raw), fields
 
     def _plan(self, request: Request, fields: dict[str, Any] | None) -> _Plan | None:
@@ -249,7 +257,7 @@ class ProxyResource(Resource):
             url = Upstreams.url(base, request.uri).decode("ascii")
         except (ValueError, UnicodeDecodeError):
             raise errors.ABSOLUTE_URI from None
-        d = self._client.request(
+        d: Deferred[Any] = self._client.request(
             request.method.decode("ascii"),
             url,
             headers=headers,
@@ -369,7 +377,12 @@ class ProxyResource(Resource):
     def _crashed(self, failure: Failure, exchange: _Exchange) -> None:
         _log.failure("relay failed unexpectedly", failure)
         exchange.fail(
-            ProxyError(500, "The proxy failed to handle this request.", "proxy_error", "api_error")
+            ProxyError(
+                500,
+                "The proxy failed to handle this request.",
+                "proxy_error",
+                "api_error",
+            )
         )
 
     def _log_access(self, result: object, exchange: _Exchange, started: float) -> None:
@@ -389,5 +402,7 @@ def _as_proxy_error(e: Exception) -> ProxyError | None:
     # the same shape becomes the same JSON error.
     status, message, code = (getattr(e, a, None) for a in ("status", "message", "code"))
     if isinstance(status, int) and isinstance(message, str) and isinstance(code, str):
-        return ProxyError(status, message, code, getattr(e, "type", "invalid_request_error"))
+        return ProxyError(
+            status, message, code, getattr(e, "type", "invalid_request_error")
+        )
     return None

@@ -95,7 +95,7 @@ class ProxySite(Site):
         self.max_body = max_body
         self.allow_any_origin = allow_any_origin
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         pass
 
     def refused(self, request: ProxyRequest) -> None:

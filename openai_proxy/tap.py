@@ -5,7 +5,6 @@ The C{twistd openai-proxy} command: options, and the service they make.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from twisted.application import service, strports
 from twisted.python import usage
@@ -25,15 +24,39 @@ class Options(usage.Options):
     longdesc = "A streaming relay for the OpenAI HTTP API."
 
     optFlags = [
-        ["open", None, "Allow OPENAI_KEY without PROXY_KEY (anyone may spend it). [OPEN_PROXY=1]"],
+        [
+            "open",
+            None,
+            "Allow OPENAI_KEY without PROXY_KEY (anyone may spend it). [OPEN_PROXY=1]",
+        ],
     ]
     optParameters = [
-        ["upstream", None, None, "Upstream base URL. [UPSTREAM, default https://api.openai.com]"],
+        [
+            "upstream",
+            None,
+            None,
+            "Upstream base URL. [UPSTREAM, default https://api.openai.com]",
+        ],
         ["proxy-key-file", None, None, "File of accepted proxy keys. [PROXY_KEY]"],
-        ["openai-key-file", None, None, "File of server-held upstream keys. [OPENAI_KEY]"],
+        [
+            "openai-key-file",
+            None,
+            None,
+            "File of server-held upstream keys. [OPENAI_KEY]",
+        ],
         ["timeout", None, None, "Upstream timeout in ms. [TIMEOUT, default 30000]"],
-        ["max-body", None, None, "Largest request body in bytes. [MAX_BODY, default 52428800]"],
-        ["cors-origins", None, None, "Allowed CORS origins, comma-separated. [CORS_ORIGINS, *]"],
+        [
+            "max-body",
+            None,
+            None,
+            "Largest request body in bytes. [MAX_BODY, default 52428800]",
+        ],
+        [
+            "cors-origins",
+            None,
+            None,
+            "Allowed CORS origins, comma-separated. [CORS_ORIGINS, *]",
+        ],
     ] + [[name, None, None, f"{doc} [{env}]"] for name, env, doc in MODERATION_OPTIONS]
 
     def __init__(self) -> None:
@@ -74,5 +97,3 @@ def makeService(options: Options) -> service.IService:
     for description in config.listen:
         strports.service(description, app.site).setServiceParent(top)
     return top
-
-

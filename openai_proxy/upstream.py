@@ -10,10 +10,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import treq.client
+from treq.cookies import IndexableCookieJar
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, HTTPConnectionPool
-
-from treq.cookies import IndexableCookieJar
 
 
 class _NoCookies(IndexableCookieJar):
@@ -83,7 +82,9 @@ def make_pool(reactor: Any, max_persistent_per_host: int = 64) -> HTTPConnection
     return pool
 
 
-def make_client(reactor: IReactorTime, pool: HTTPConnectionPool) -> treq.client.HTTPClient:
+def make_client(
+    reactor: IReactorTime, pool: HTTPConnectionPool
+) -> treq.client.HTTPClient:
     """
     A treq client over C{pool} that stores no cookies.  Callers pass
     C{allow_redirects=False}: a redirect must reach the client, not be

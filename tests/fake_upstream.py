@@ -41,8 +41,13 @@ class Received:
         return json.loads(self.body)
 
 
-def chat_chunk(content: str | None = None, *, finish: str | None = None, index: int = 0,
-               role: str | None = None) -> dict[str, Any]:
+def chat_chunk(
+    content: str | None = None,
+    *,
+    finish: str | None = None,
+    index: int = 0,
+    role: str | None = None,
+) -> dict[str, Any]:
     """A chat.completion.chunk object."""
     delta: dict[str, Any] = {}
     if role is not None:
@@ -170,26 +175,84 @@ class FakeOpenAI(Resource):
     def _default(self, request: Request, body: bytes) -> bytes | int:
         path = request.path
         if path == b"/v1/models":
-            return _json(request, {"object": "list", "data": [{"id": "gpt-fake", "object": "model", "created": 0, "owned_by": "fake"}]})
+            return _json(
+                request,
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": "gpt-fake",
+                            "object": "model",
+                            "created": 0,
+                            "owned_by": "fake",
+                        }
+                    ],
+                },
+            )
         if path == b"/v1/chat/completions":
             payload = json.loads(body)
             if payload.get("stream"):
-                return self._stream(request, Script(events=chat_stream(["Hello", " world", "!"])))
+                return self._stream(
+                    request, Script(events=chat_stream(["Hello", " world", "!"]))
+                )
             return _json(request, chat_completion("Hello world!"))
         if path == b"/v1/embeddings":
-            return _json(request, {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}], "model": "emb-fake", "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+            return _json(
+                request,
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "object": "embedding",
+                            "index": 0,
+                            "embedding": [0.1, 0.2, 0.3],
+                        }
+                    ],
+                    "model": "emb-fake",
+                    "usage": {"prompt_tokens": 1, "total_tokens": 1},
+                },
+            )
         if path == b"/v1/files" and request.method == b"POST":
-            return _json(request, {"id": "file-fake", "object": "file", "bytes": len(body), "created_at": 0, "filename": "upload.jsonl", "purpose": "batch", "status": "processed"})
+            return _json(
+                request,
+                {
+                    "id": "file-fake",
+                    "object": "file",
+                    "bytes": len(body),
+                    "created_at": 0,
+                    "filename": "upload.jsonl",
+                    "purpose": "batch",
+                    "status": "processed",
+                },
+            )
         if path.startswith(b"/v1/files/") and request.method == b"DELETE":
-            return _json(request, {"id": path.rsplit(b"/", 1)[-1].decode(), "object": "file", "deleted": True})
+            return _json(
+                request,
+                {
+                    "id": path.rsplit(b"/", 1)[-1].decode(),
+                    "object": "file",
+                    "deleted": True,
+                },
+            )
         if path.startswith(b"/v1/files/") and path.endswith(b"/content"):
             request.setHeader(b"content-type", b"application/octet-stream")
             return FILE_CONTENT
         if path == b"/v1/audio/speech":
             request.setHeader(b"content-type", b"audio/mpeg")
-            return self._chunked(request, [AUDIO[i : i + 8192] for i in range(0, len(AUDIO), 8192)])
+            return self._chunked(
+                request, [AUDIO[i : i + 8192] for i in range(0, len(AUDIO), 8192)]
+            )
         request.setResponseCode(404)
-        return _json(request, {"error": {"message": "unknown path", "type": "invalid_request_error", "code": None}})
+        return _json(
+            request,
+            {
+                "error": {
+                    "message": "unknown path",
+                    "type": "invalid_request_error",
+                    "code": None,
+                }
+            },
+        )
 
     def _scripted(self, request: Request, script: Script) -> bytes | int:
         if script.stall:
@@ -206,10 +269,16 @@ class FakeOpenAI(Resource):
             request.setHeader(b"content-type", b"application/json")
         return script.body or b""
 
-    def _chunked(self, request: Request, chunks: list[bytes], script: Script | None = None) -> int:
+    def _chunked(
+        self, request: Request, chunks: list[bytes], script: Script | None = None
+    ) -> int:
         self._open.append(request)
         script = script or Script()
-        if script.interval or script.stall_after is not None or script.hang_up_after is not None:
+        if (
+            script.interval
+            or script.stall_after is not None
+            or script.hang_up_after is not None
+        ):
             self._send(request, list(chunks), script, 0)
         else:
             request.registerProducer(_Pull(request, chunks, self), False)
@@ -220,7 +289,9 @@ class FakeOpenAI(Resource):
         assert script.events is not None
         return self._chunked(request, script.events, script)
 
-    def _send(self, request: Request, pieces: list[bytes], script: Script, sent: int) -> None:
+    def _send(
+        self, request: Request, pieces: list[bytes], script: Script, sent: int
+    ) -> None:
         if request.finished or request.channel is None:
             return
         if script.hang_up_after is not None and sent == script.hang_up_after:

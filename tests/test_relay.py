@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher, formatEvent
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.fake_upstream import AUDIO, FILE_CONTENT, FakeOpenAI, Script, chat_stream
@@ -55,20 +55,30 @@ class RelayTestCase(TestCase):
     def url(self, path: str) -> str:
         return self.proxy.url + path
 
-    async def post_json(self, path: str, payload: Any, headers: dict[str, str] | None = None) -> Any:
+    async def post_json(
+        self, path: str, payload: Any, headers: dict[str, str] | None = None
+    ) -> Any:
         return await self.http.post(
-            self.url(path), json.dumps(payload).encode(), headers={**AUTH, **JSON, **(headers or {})}
+            self.url(path),
+            json.dumps(payload).encode(),
+            headers={**AUTH, **JSON, **(headers or {})},
         )
 
 
 class ForwardingTests(RelayTestCase):
     async def test_chat_completion_relayed_unchanged(self) -> None:
-        response = await self.post_json("/v1/chat/completions", {"model": "m", "messages": []})
+        response = await self.post_json(
+            "/v1/chat/completions", {"model": "m", "messages": []}
+        )
         body = await response.content()
         self.assertEqual(response.code, 200)
-        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], "Hello world!")
+        self.assertEqual(
+            json.loads(body)["choices"][0]["message"]["content"], "Hello world!"
+        )
         received = self.fake.received[-1]
-        self.assertEqual((received.method, received.uri), (b"POST", b"/v1/chat/completions"))
+        self.assertEqual(
+            (received.method, received.uri), (b"POST", b"/v1/chat/completions")
+        )
         self.assertEqual(received.json(), {"model": "m", "messages": []})
         self.assertEqual(received.header(b"authorization"), f"Bearer {KEY}".encode())
 
@@ -79,7 +89,10 @@ class ForwardingTests(RelayTestCase):
         body = await response.content()
         self.assertEqual(body, b"".join(events))
         headers = response.headers
-        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
+        self.assertEqual(
+            headers.getRawHeaders(b"content-type"),
+            [b"text/event-stream; charset=utf-8"],
+        )
         self.assertEqual(headers.getRawHeaders(b"cache-control"), [b"no-cache"])
         self.assertEqual(headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
 
@@ -88,7 +101,7 @@ class ForwardingTests(RelayTestCase):
         proto = await connect(self.proxy.port.getHost().port)
         proto.transport.write(  # type: ignore[union-attr]
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"stream\": true}"
+            b'Content-Type: application/json\r\nContent-Length: 16\r\n\r\n{"stream": true}'
         )
         await proto.first
         while b'"role"' not in proto.data:
@@ -100,25 +113,42 @@ class ForwardingTests(RelayTestCase):
     async def test_models_get(self) -> None:
         response = await self.http.get(self.url("/v1/models?limit=2"), headers=AUTH)
         self.assertEqual(response.code, 200)
-        self.assertEqual(json.loads(await response.content())["data"][0]["id"], "gpt-fake")
+        self.assertEqual(
+            json.loads(await response.content())["data"][0]["id"], "gpt-fake"
+        )
         self.assertEqual(self.fake.received[-1].uri, b"/v1/models?limit=2")
         self.assertEqual(self.fake.received[-1].body, b"")
 
     async def test_embeddings(self) -> None:
         response = await self.post_json("/v1/embeddings", {"input": "x", "model": "e"})
-        self.assertEqual(json.loads(await response.content())["data"][0]["embedding"], [0.1, 0.2, 0.3])
+        self.assertEqual(
+            json.loads(await response.content())["data"][0]["embedding"],
+            [0.1, 0.2, 0.3],
+        )
 
-    async def test_multipart_upload_of_300kb_reaches_upstream_byte_for_byte(self) -> None:
+    async def test_multipart_upload_of_300kb_reaches_upstream_byte_for_byte(
+        self,
+    ) -> None:
         payload = os.urandom(300 * 1024)
         boundary = b"----proxyboundary"
         body = (
-            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
-            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
-            b"Content-Type: application/octet-stream\r\n\r\n" + payload + b"\r\n--" + boundary + b"--\r\n"
+            b"--"
+            + boundary
+            + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b"--"
+            + boundary
+            + b'\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n"
+            + payload
+            + b"\r\n--"
+            + boundary
+            + b"--\r\n"
         )
         ctype = b"multipart/form-data; boundary=" + boundary
         response = await self.http.post(
-            self.url("/v1/files"), body, headers={**AUTH, "Content-Type": ctype.decode()}
+            self.url("/v1/files"),
+            body,
+            headers={**AUTH, "Content-Type": ctype.decode()},
         )
         self.assertEqual(response.code, 200)
         await response.content()
@@ -128,12 +158,18 @@ class ForwardingTests(RelayTestCase):
         self.assertEqual(received.header(b"content-length"), b"%d" % len(body))
 
     async def test_audio_bytes_identical(self) -> None:
-        response = await self.post_json("/v1/audio/speech", {"input": "hi", "voice": "alloy"})
-        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"audio/mpeg"])
+        response = await self.post_json(
+            "/v1/audio/speech", {"input": "hi", "voice": "alloy"}
+        )
+        self.assertEqual(
+            response.headers.getRawHeaders(b"content-type"), [b"audio/mpeg"]
+        )
         self.assertEqual(await response.content(), AUDIO)
 
     async def test_file_download_identical(self) -> None:
-        response = await self.http.get(self.url("/v1/files/file-1/content"), headers=AUTH)
+        response = await self.http.get(
+            self.url("/v1/files/file-1/content"), headers=AUTH
+        )
         self.assertEqual(await response.content(), FILE_CONTENT)
         # twisted's client keeps Content-Length out of .headers; .length is it.
         self.assertEqual(response.length, len(FILE_CONTENT))
@@ -145,20 +181,28 @@ class ForwardingTests(RelayTestCase):
 
     async def test_local_moderation_fields_never_reach_upstream(self) -> None:
         await self.post_json(
-            "/v1/embeddings", {"input": "x", "moderation": False, "moderation_level": "low"}
+            "/v1/embeddings",
+            {"input": "x", "moderation": False, "moderation_level": "low"},
         )
         self.assertEqual(self.fake.received[-1].json(), {"input": "x"})
 
-    async def test_json_body_without_local_fields_is_forwarded_byte_for_byte(self) -> None:
+    async def test_json_body_without_local_fields_is_forwarded_byte_for_byte(
+        self,
+    ) -> None:
         raw = b'{ "input" : "caf\\u00e9",  "model":"e" }'
-        response = await self.http.post(self.url("/v1/embeddings"), raw, headers={**AUTH, **JSON})
+        response = await self.http.post(
+            self.url("/v1/embeddings"), raw, headers={**AUTH, **JSON}
+        )
         await response.content()
         self.assertEqual(self.fake.received[-1].body, raw)
 
     async def test_gzip_from_upstream_reaches_client_decoded(self) -> None:
         payload = json.dumps({"big": "x" * 5000}).encode()
         self.fake.script = Script(
-            headers={b"content-encoding": [b"gzip"], b"content-type": [b"application/json"]},
+            headers={
+                b"content-encoding": [b"gzip"],
+                b"content-type": [b"application/json"],
+            },
             body=gzip.compress(payload),
         )
         response = await self.http.get(self.url("/v1/models"), headers=AUTH)
@@ -166,8 +210,12 @@ class ForwardingTests(RelayTestCase):
         self.assertFalse(response.headers.getRawHeaders(b"content-encoding", [b""])[0])
 
     async def test_upstream_redirect_reaches_client_unfollowed(self) -> None:
-        self.fake.script = Script(status=302, headers={b"location": [b"http://127.0.0.1:1/elsewhere"]})
-        response = await self.http.get(self.url("/v1/models"), headers=AUTH, allow_redirects=False)
+        self.fake.script = Script(
+            status=302, headers={b"location": [b"http://127.0.0.1:1/elsewhere"]}
+        )
+        response = await self.http.get(
+            self.url("/v1/models"), headers=AUTH, allow_redirects=False
+        )
         self.assertEqual(response.code, 302)
         self.assertEqual(len(self.fake.received), 1)
 
@@ -211,15 +259,28 @@ class HeaderHygieneTests(RelayTestCase):
         )
         await response.content()
         received = self.fake.received[-1]
-        for name, value in [(b"openai-organization", b"org-1"), (b"openai-project", b"proj-1"),
-                            (b"openai-beta", b"assistants=v2")]:
+        for name, value in [
+            (b"openai-organization", b"org-1"),
+            (b"openai-project", b"proj-1"),
+            (b"openai-beta", b"assistants=v2"),
+        ]:
             self.assertEqual(received.header(name), value)
-        for name in [b"cookie", b"x-client-hop", b"keep-alive", b"proxy-authorization", b"x-forwarded-for"]:
+        for name in [
+            b"cookie",
+            b"x-client-hop",
+            b"keep-alive",
+            b"proxy-authorization",
+            b"x-forwarded-for",
+        ]:
             self.assertIsNone(received.header(name), name)
-        self.assertEqual(received.header(b"host"), self.upstream.split("//")[1].encode())
+        self.assertEqual(
+            received.header(b"host"), self.upstream.split("//")[1].encode()
+        )
         headers = response.headers
         self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"3"])
-        self.assertEqual(headers.getRawHeaders(b"x-ratelimit-remaining-requests"), [b"0"])
+        self.assertEqual(
+            headers.getRawHeaders(b"x-ratelimit-remaining-requests"), [b"0"]
+        )
         self.assertEqual(headers.getRawHeaders(b"x-request-id"), [b"req-fake-123"])
         self.assertIsNone(headers.getRawHeaders(b"set-cookie"))
         self.assertEqual(headers.getRawHeaders(b"access-control-allow-origin"), [b"*"])
@@ -254,7 +315,9 @@ class KeyTests(TestCase):
         fake, proxy = await self._proxy({})
         code, _ = await self._get(proxy, "Bearer sk-client")
         self.assertEqual(code, 200)
-        self.assertEqual(fake.received[-1].header(b"authorization"), b"Bearer sk-client")
+        self.assertEqual(
+            fake.received[-1].header(b"authorization"), b"Bearer sk-client"
+        )
 
     async def test_wrong_proxy_key_is_403(self) -> None:
         fake, proxy = await self._proxy({"PROXY_KEY": "pk-1,pk-2"})
@@ -268,7 +331,9 @@ class KeyTests(TestCase):
         fake, proxy = await self._proxy({"PROXY_KEY": "pk-1,pk:2"})
         code, _ = await self._get(proxy, "Bearer sk-client:pk:2")
         self.assertEqual(code, 200)
-        self.assertEqual(fake.received[-1].header(b"authorization"), b"Bearer sk-client")
+        self.assertEqual(
+            fake.received[-1].header(b"authorization"), b"Bearer sk-client"
+        )
 
     async def test_proxy_key_without_upstream_key_is_401(self) -> None:
         fake, proxy = await self._proxy({"PROXY_KEY": "pk-1"})
@@ -277,7 +342,9 @@ class KeyTests(TestCase):
         self.assertEqual(fake.received, [])
 
     async def test_server_keys_used_in_turn_with_a_proxy_key(self) -> None:
-        fake, proxy = await self._proxy({"PROXY_KEY": "pk-1", "OPENAI_KEY": "sk-a,sk-b"})
+        fake, proxy = await self._proxy(
+            {"PROXY_KEY": "pk-1", "OPENAI_KEY": "sk-a,sk-b"}
+        )
         for token in ["Bearer pk-1", "Bearer pk-1", "Bearer ignored:pk-1"]:
             code, _ = await self._get(proxy, token)
             self.assertEqual(code, 200)
@@ -295,8 +362,12 @@ class KeyTests(TestCase):
         fake, proxy = await self._proxy({"ROUTES": f"fk={other.start(self)}"})
         await self._get(proxy, "Bearer fk-123")
         await self._get(proxy, "Bearer sk-123")
-        self.assertEqual([r.header(b"authorization") for r in other.received], [b"Bearer fk-123"])
-        self.assertEqual([r.header(b"authorization") for r in fake.received], [b"Bearer sk-123"])
+        self.assertEqual(
+            [r.header(b"authorization") for r in other.received], [b"Bearer fk-123"]
+        )
+        self.assertEqual(
+            [r.header(b"authorization") for r in fake.received], [b"Bearer sk-123"]
+        )
 
 
 class ErrorTests(RelayTestCase):
@@ -309,13 +380,19 @@ class ErrorTests(RelayTestCase):
             b"Authorization: Bearer k\r\nConnection: close\r\n\r\n",
         )
         self.assertTrue(raw.startswith(b"HTTP/1.1 400 "), raw)
-        self.assertEqual(_error(raw.split(b"\r\n\r\n", 1)[1])["code"], "invalid_request_target")
+        self.assertEqual(
+            _error(raw.split(b"\r\n\r\n", 1)[1])["code"], "invalid_request_target"
+        )
         self.assertEqual(self.fake.received, [])
 
     async def test_passthrough_of_upstream_errors_with_stream_true(self) -> None:
         for status in (401, 429, 500):
-            body = json.dumps({"error": {"message": f"e{status}", "type": "x", "code": str(status)}}).encode()
-            self.fake.script = Script(status=status, headers={b"x-upstream": [b"yes"]}, body=body)
+            body = json.dumps(
+                {"error": {"message": f"e{status}", "type": "x", "code": str(status)}}
+            ).encode()
+            self.fake.script = Script(
+                status=status, headers={b"x-upstream": [b"yes"]}, body=body
+            )
             response = await self.post_json("/v1/chat/completions", {"stream": True})
             self.assertEqual(response.code, status)
             self.assertEqual(await response.content(), body)
@@ -325,7 +402,9 @@ class ErrorTests(RelayTestCase):
         proxy = Proxy(self, {"UPSTREAM": await closed_port_url()})
         response = await self.http.get(proxy.url + "/v1/models", headers=AUTH)
         self.assertEqual(response.code, 502)
-        self.assertEqual(_error(await response.content())["code"], "upstream_unreachable")
+        self.assertEqual(
+            _error(await response.content())["code"], "upstream_unreachable"
+        )
 
     async def test_no_headers_within_timeout_is_504(self) -> None:
         self.fake.script = Script(stall=True)
@@ -354,7 +433,7 @@ class ErrorTests(RelayTestCase):
         proto = await connect(self.proxy.port.getHost().port)
         proto.transport.write(  # type: ignore[union-attr]
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"stream\": true}"
+            b'Content-Type: application/json\r\nContent-Length: 16\r\n\r\n{"stream": true}'
         )
         await proto.first
         hung_up = time.monotonic()
@@ -385,7 +464,9 @@ class ErrorTests(RelayTestCase):
         sent = self.fake.sent_bytes
         proto = await connect(self.proxy.port.getHost().port)
         assert proto.transport is not None
-        proto.transport.write(b"GET /v1/files/f/content HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n\r\n")
+        proto.transport.write(
+            b"GET /v1/files/f/content HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n\r\n"
+        )
         await proto.first
         proto.transport.pauseProducing()  # the client stops reading
         # Give a proxy without backpressure ample time to pull everything.
@@ -400,14 +481,22 @@ class LocalAnswerTests(RelayTestCase):
         response = await self.http.request(
             "OPTIONS",
             self.url("/v1/chat/completions"),
-            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                     "Access-Control-Request-Headers": "authorization, content-type"},
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
         )
         self.assertEqual(response.code, 204)
         headers = response.headers
         self.assertEqual(headers.getRawHeaders(b"access-control-allow-origin"), [b"*"])
-        self.assertIn(b"POST", headers.getRawHeaders(b"access-control-allow-methods")[0])
-        self.assertEqual(headers.getRawHeaders(b"access-control-allow-headers"), [b"authorization, content-type"])
+        self.assertIn(
+            b"POST", headers.getRawHeaders(b"access-control-allow-methods")[0]
+        )
+        self.assertEqual(
+            headers.getRawHeaders(b"access-control-allow-headers"),
+            [b"authorization, content-type"],
+        )
         self.assertTrue(headers.getRawHeaders(b"access-control-max-age"))
         self.assertEqual(self.fake.received, [])
 
@@ -420,17 +509,26 @@ class LocalAnswerTests(RelayTestCase):
     async def test_errors_carry_cors_header(self) -> None:
         response = await self.http.get(self.url("/v1/models"))
         await response.content()
-        self.assertEqual(response.headers.getRawHeaders(b"access-control-allow-origin"), [b"*"])
+        self.assertEqual(
+            response.headers.getRawHeaders(b"access-control-allow-origin"), [b"*"]
+        )
 
 
 class RestrictedCORSTests(RelayTestCase):
     env = {"CORS_ORIGINS": "https://a.example,https://b.example"}
 
     async def test_only_listed_origins_are_echoed(self) -> None:
-        for origin, expected in [("https://b.example", [b"https://b.example"]), ("https://evil.example", None)]:
-            response = await self.http.get(self.url("/healthz"), headers={"Origin": origin})
+        for origin, expected in [
+            ("https://b.example", [b"https://b.example"]),
+            ("https://evil.example", None),
+        ]:
+            response = await self.http.get(
+                self.url("/healthz"), headers={"Origin": origin}
+            )
             await response.content()
-            self.assertEqual(response.headers.getRawHeaders(b"access-control-allow-origin"), expected)
+            self.assertEqual(
+                response.headers.getRawHeaders(b"access-control-allow-origin"), expected
+            )
 
 
 class BodyLimitTests(RelayTestCase):
@@ -444,7 +542,9 @@ class BodyLimitTests(RelayTestCase):
         )
         self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw)
         self.assertNotIn(b"100 Continue", raw)
-        self.assertEqual(_error(raw.split(b"\r\n\r\n", 1)[1])["code"], "request_too_large")
+        self.assertEqual(
+            _error(raw.split(b"\r\n\r\n", 1)[1])["code"], "request_too_large"
+        )
         self.assertEqual(self.fake.received, [])
 
     async def test_chunked_oversized_body_is_413(self) -> None:
@@ -453,13 +553,16 @@ class BodyLimitTests(RelayTestCase):
             self.proxy.port.getHost().port,
             b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
-            + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 2 + b"0\r\n\r\n",
+            + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 2
+            + b"0\r\n\r\n",
         )
         self.assertTrue(raw.startswith(b"HTTP/1.1 413 "), raw)
         self.assertEqual(self.fake.received, [])
 
     async def test_body_at_the_limit_passes(self) -> None:
-        response = await self.http.post(self.url("/v1/files"), b"y" * 1000, headers=AUTH)
+        response = await self.http.post(
+            self.url("/v1/files"), b"y" * 1000, headers=AUTH
+        )
         self.assertEqual(response.code, 200)
         await response.content()
         self.assertEqual(self.fake.received[-1].body, b"y" * 1000)
@@ -476,15 +579,30 @@ class SecretLoggingTests(RelayTestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        tokens = ["sk-client-key:pk-secret-proxy-key", "pk-secret-proxy-key", "sk-client-key:wrong-pk"]
+        tokens = [
+            "sk-client-key:pk-secret-proxy-key",
+            "pk-secret-proxy-key",
+            "sk-client-key:wrong-pk",
+        ]
         for token in tokens:
-            r = await self.http.get(self.url("/v1/models?key=x"), headers={"Authorization": f"Bearer {token}"})
+            r = await self.http.get(
+                self.url("/v1/models?key=x"),
+                headers={"Authorization": f"Bearer {token}"},
+            )
             await r.content()
         self.fake.script = Script(stall=True)
         bad = Proxy(self, {"UPSTREAM": await closed_port_url(), **self.env})
-        r = await self.http.get(bad.url + "/v1/models", headers={"Authorization": "Bearer pk-secret-proxy-key"})
+        r = await self.http.get(
+            bad.url + "/v1/models",
+            headers={"Authorization": "Bearer pk-secret-proxy-key"},
+        )
         await r.content()
         text = "\n".join(lines)
         self.assertIn("/v1/models", text)
-        for secret in ["pk-secret-proxy-key", "sk-secret-server-key", "sk-client-key", "wrong-pk"]:
+        for secret in [
+            "pk-secret-proxy-key",
+            "sk-secret-server-key",
+            "sk-client-key",
+            "wrong-pk",
+        ]:
             self.assertNotIn(secret, text)

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import treq.client
 from treq.cookies import IndexableCookieJar
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 
 class _NoCookies(IndexableCookieJar):
@@ -72,6 +72,11 @@ class Upstreams:
         return urlsplit(base.decode("ascii")).netloc
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    # One "Starting factory" log line per upstream connection is noise.
+    noisy = False
+
+
 def make_pool(reactor: Any, max_persistent_per_host: int = 64) -> HTTPConnectionPool:
     """A persistent connection pool sized for a busy relay."""
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -79,6 +84,7 @@ def make_pool(reactor: Any, max_persistent_per_host: int = 64) -> HTTPConnection
     # An idle keep-alive connection may be closed by the upstream at any
     # moment; twisted retries idempotent requests on such a connection.
     pool.retryAutomatically = True
+    pool._factory = _QuietFactory
     return pool
 
 

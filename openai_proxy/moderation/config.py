@@ -51,33 +51,58 @@ class ModerationConfig:
             parse_bool,
             parse_choice,
             parse_positive,
+            read_secret_file,
         )
 
         sid = source("", "TENCENT_CLOUD_SID") or None
         skey = source("", "TENCENT_CLOUD_SKEY") or None
         backend_raw = source("moderation-backend", "MODERATION_BACKEND")
         default_backend = "tencent" if sid and skey else ""
-        backend = parse_choice(
-            "MODERATION_BACKEND",
-            backend_raw,
-            ("tencent", "openai", "keywords"),
-            default_backend,
-        ) or None
-        keywords_file = source("moderation-keywords-file", "MODERATION_KEYWORDS_FILE") or None
+        backend = (
+            parse_choice(
+                "MODERATION_BACKEND",
+                backend_raw,
+                ("tencent", "openai", "keywords"),
+                default_backend,
+            )
+            or None
+        )
+        keywords_file = (
+            source("moderation-keywords-file", "MODERATION_KEYWORDS_FILE") or None
+        )
         if backend == "tencent" and not (sid and skey):
             raise ConfigError(
                 "MODERATION_BACKEND",
                 "tencent needs TENCENT_CLOUD_SID and TENCENT_CLOUD_SKEY",
             )
         if backend == "keywords" and not keywords_file:
-            raise ConfigError("MODERATION_KEYWORDS_FILE", "the keywords backend needs this file")
+            raise ConfigError(
+                "MODERATION_KEYWORDS_FILE", "the keywords backend needs this file"
+            )
+        if backend == "keywords" and keywords_file:
+            read_secret_file("MODERATION_KEYWORDS_FILE", keywords_file)
+        mode = parse_choice(
+            "MODERATION",
+            source("moderation", "MODERATION"),
+            ("off", "request", "always"),
+            "request",
+        )
+        moderate_input = parse_bool(
+            "MODERATE_INPUT", source("moderate-input", "MODERATE_INPUT"), False
+        )
+        # Settings that promise a check must not start without a way to check.
+        for setting, promised in (
+            ("MODERATION", mode == "always"),
+            ("MODERATE_INPUT", moderate_input and mode != "off"),
+        ):
+            if promised and backend is None:
+                raise ConfigError(
+                    setting,
+                    "needs a moderation backend: set TENCENT_CLOUD_SID and "
+                    "TENCENT_CLOUD_SKEY, or MODERATION_BACKEND",
+                )
         return cls(
-            mode=parse_choice(
-                "MODERATION",
-                source("moderation", "MODERATION"),
-                ("off", "request", "always"),
-                "request",
-            ),
+            mode=mode,
             level=parse_choice(
                 "MODERATION_LEVEL",
                 source("moderation-level", "MODERATION_LEVEL"),
@@ -107,13 +132,13 @@ class ModerationConfig:
             )
             / 1000.0,
             refusal_text=source("refusal-text", "REFUSAL_TEXT") or DEFAULT_REFUSAL,
-            moderate_input=parse_bool(
-                "MODERATE_INPUT", source("moderate-input", "MODERATE_INPUT"), False
-            ),
+            moderate_input=moderate_input,
             tencent_secret_id=sid,
             tencent_secret_key=skey,
-            tencent_region=source("tencent-cloud-ap", "TENCENT_CLOUD_AP") or "ap-singapore",
+            tencent_region=source("tencent-cloud-ap", "TENCENT_CLOUD_AP")
+            or "ap-singapore",
             tencent_endpoint=source("tencent-cloud-endpoint", "TENCENT_CLOUD_ENDPOINT")
             or "tms.tencentcloudapi.com",
-            tencent_biztype=source("tencent-cloud-biztype", "TENCENT_CLOUD_BIZTYPE") or None,
+            tencent_biztype=source("tencent-cloud-biztype", "TENCENT_CLOUD_BIZTYPE")
+            or None,
         )

@@ -1,0 +1,242 @@
+"""
+Moderating a streamed reply sentence by sentence while relaying its events
+unchanged and in order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.python.failure import Failure
+
+from openai_proxy.moderation.chunks import Key, StreamShape
+from openai_proxy.moderation.sentences import SentenceSplitter, needs_check
+from openai_proxy.sse import SSEEvent, SSEParser
+
+_T = TypeVar("_T")
+
+#: C{check(text)} fires with whether C{text} must be stopped; it errbacks only
+#: with L{CancelledError}, when the moderator cancels it.
+Check = Callable[[str], "Deferred[bool]"]
+
+
+@dataclass
+class _Sentence:
+    end: int  # offset in the choice's text just after this sentence
+    stopped: bool | None = None  # None while the backend has not answered
+
+
+@dataclass
+class _Choice:
+    splitter: SentenceSplitter = field(default_factory=SentenceSplitter)
+    fed: int = 0  # characters of text seen so far
+    passed: int = 0  # characters known to be fine (a prefix of the text)
+    released: int = 0  # characters whose events went to the client
+    unreleased: str = ""  # text[released:fed]
+    sentences: deque[_Sentence] = field(default_factory=deque)
+
+
+@dataclass
+class _Held:
+    raw: bytes
+    # (choice, offset that must have passed, offset after the event's text)
+    needs: list[tuple[Key, int, int]]
+
+
+class StreamModerator:
+    """
+    Relay a C{text/event-stream} reply, holding each event back until every
+    sentence it carries text of has passed moderation.
+
+    Events are written with C{write} byte for byte as the upstream sent
+    them, in their original order.  When a sentence is stopped, the text
+    before it is written in full, then the shape's refusal events (refusal
+    text, C{content_filter}, end of stream); nothing else is written,
+    L{blocked} becomes true and C{stop_upstream} is called.
+
+    @ivar blocked: whether a sentence was stopped.
+    """
+
+    def __init__(
+        self,
+        shape: StreamShape,
+        check: Check,
+        write: Callable[[bytes], None],
+        stop_upstream: Callable[[], None],
+        refusal_text: str,
+    ) -> None:
+        self._shape = shape
+        self._check = check
+        self._write = write
+        self._stop_upstream = stop_upstream
+        self._refusal_text = refusal_text
+        self._parser = SSEParser()
+        self._choices: dict[Key, _Choice] = {}
+        self._held: deque[_Held] = deque()
+        self._ended = False
+        self._done = False  # nothing more is ever written
+        self._waiters: list[Deferred[None]] = []
+        self._inflight: set[Deferred[bool]] = set()
+        self.blocked = False
+
+    def feed(self, data: bytes) -> None:
+        """Take upstream body bytes as they arrive."""
+        if self._ended or self._done:
+            return
+        self._take(self._parser.feed(data))
+
+    def end(self) -> Deferred[None]:
+        """
+        The upstream body ended (normally, after C{stop_upstream}, or by an
+        error): moderate the unfinished tails and write what is left.  Fires
+        once everything is written (at once when blocked or abandoned).
+        """
+        if self._done:
+            return succeed(None)
+        if not self._ended:
+            self._ended = True
+            self._take(self._parser.finish(), final=True)
+            if self._done:
+                return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        self._release()
+        return d
+
+    def abandon(self) -> None:
+        """The client went away: drop everything and never write again."""
+        self._finish()
+
+    def _take(self, events: list[SSEEvent], *, final: bool = False) -> None:
+        checks: list[tuple[Key, str, _Sentence]] = []
+        for event in events:
+            found = self._shape.inspect(event)
+            needs: list[tuple[Key, int, int]] = []
+            for key, text in found.texts:
+                choice = self._choice(key)
+                choice.fed += len(text)
+                choice.unreleased += text
+                self._add(key, choice, choice.splitter.feed(text), checks)
+                # Trailing whitespace starts the next sentence but cannot harm:
+                # it does not hold the event back.
+                trailing = len(text) - len(text.rstrip())
+                needs.append((key, choice.fed - trailing, choice.fed))
+            tails = list(self._choices) if found.all_finished else found.finished
+            for key in tails:
+                self._flush(key, checks)
+            self._held.append(_Held(event.raw, needs))
+        if final:
+            for key in list(self._choices):
+                self._flush(key, checks)
+        # Start the checks only now that every event is held: a backend that
+        # answers at once then sees consistent state.
+        for key, text, sentence in checks:
+            if self._done:
+                return
+            d = self._check(text)
+            self._inflight.add(d)
+            d.addBoth(self._settled, d)
+            d.addCallback(self._answered, key, sentence)
+            d.addErrback(_ignore_cancelled)
+        self._release()
+
+    def _settled(self, result: _T, d: Deferred[bool]) -> _T:
+        self._inflight.discard(d)
+        return result
+
+    def _choice(self, key: Key) -> _Choice:
+        choice = self._choices.get(key)
+        if choice is None:
+            choice = self._choices[key] = _Choice()
+        return choice
+
+    def _flush(self, key: Key, checks: list[tuple[Key, str, _Sentence]]) -> None:
+        choice = self._choices.get(key)
+        if choice is not None:
+            tail = choice.splitter.flush()
+            if tail:
+                self._add(key, choice, [tail], checks)
+
+    def _add(
+        self,
+        key: Key,
+        choice: _Choice,
+        texts: list[str],
+        checks: list[tuple[Key, str, _Sentence]],
+    ) -> None:
+        end = choice.sentences[-1].end if choice.sentences else choice.passed
+        for text in texts:
+            end += len(text)
+            sentence = _Sentence(end)
+            choice.sentences.append(sentence)
+            if needs_check(text):
+                checks.append((key, text, sentence))
+            else:
+                sentence.stopped = False
+        self._advance(key, choice)
+
+    def _answered(self, stopped: bool, key: Key, sentence: _Sentence) -> None:
+        if self._done:
+            return  # a late answer after a block or a hang-up: dropped
+        sentence.stopped = stopped
+        choice = self._choices[key]
+        self._advance(key, choice)
+        self._release()
+
+    def _advance(self, key: Key, choice: _Choice) -> None:
+        # Answers may come in any order; only a run of answered sentences
+        # from the start moves the mark, so output never reorders.
+        while choice.sentences and choice.sentences[0].stopped is not None:
+            sentence = choice.sentences.popleft()
+            if sentence.stopped:
+                self._block(key, choice)
+                return
+            choice.passed = sentence.end
+
+    def _release(self) -> None:
+        while self._held and not self._done:
+            held = self._held[0]
+            if any(self._choices[key].passed < need for key, need, _ in held.needs):
+                return
+            self._held.popleft()
+            for key, _, end in held.needs:
+                choice = self._choices[key]
+                choice.unreleased = choice.unreleased[end - choice.released :]
+                choice.released = end
+            self._write(held.raw)
+        if self._ended and not self._done:
+            self._finish()
+
+    def _block(self, key: Key, choice: _Choice) -> None:
+        if self._done:
+            return
+        # Everything fully before the stopped sentence goes out first.
+        self._release()
+        if self._done:
+            return
+        passed = choice.unreleased[: max(0, choice.passed - choice.released)]
+        self.blocked = True
+        self._write(self._shape.refusal(key, passed, self._refusal_text))
+        self._finish()
+        self._stop_upstream()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._held.clear()
+        self._choices.clear()
+        # Answers still to come are of no use: cancelling frees what they
+        # hold (timers, connections); any that arrive anyway are dropped.
+        inflight, self._inflight = self._inflight, set()
+        for check in inflight:
+            check.cancel()
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+def _ignore_cancelled(failure: Failure) -> Failure | None:
+    return None if isinstance(failure.value, CancelledError) else failure

@@ -1,6 +1,7 @@
 """
-The proxy assembled: connection pool, client, resource and site, as one
-service whose stop closes what the start opened.
+The proxy assembled: connection pool, client, moderation, metrics, drain,
+resource and site, as one service whose stop undoes what its start did, in
+the right order.
 """
 
 from __future__ import annotations
@@ -9,32 +10,110 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
+from openai_proxy import logs
 from openai_proxy.config import Config
+from openai_proxy.drain import DrainService, Readiness
+from openai_proxy.metrics import Metrics
+from openai_proxy.moderation import Moderation
 from openai_proxy.resource import ProxyResource
 from openai_proxy.server import ProxySite
 from openai_proxy.upstream import make_client, make_pool
+
+_log = Logger()
+_PROBE_INTERVAL = 5.0  # seconds between attempts to reach the moderation backend
 
 
 class ProxyApp(Service):
     """
     Everything one proxy process serves with, built once from a L{Config}.
     C{site} is what the listening services serve.
+
+    Add it to the parent service I{before} the listening services: a
+    C{MultiService} stops its children in reverse order, so the ports stop
+    accepting first, and then this drains what is in flight before it stops
+    the moderation threads and closes the upstream connections.
     """
 
     def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
+        self._reactor = reactor
         self.pool = make_pool(reactor)
         self.client = make_client(reactor, self.pool)
-        self.moderation = None
+        self.metrics = Metrics()
+        self.drain = DrainService(config.grace, reactor)
+        moderated = config.moderation.backend is not None
+        self.readiness = Readiness(*(["moderation"] if moderated else []))
+        self.moderation = Moderation(
+            config.moderation,
+            reactor,
+            openai_client_factory=lambda: (
+                make_client(reactor, self.pool),
+                config.upstream,
+            ),
+            on_call=self._moderation_call,
+        )
+        self._probe = LoopingCall(self._probe_moderation)
+        self._probe.clock = reactor
+        metrics_here = None
+        if config.metrics_listen is None:
+            metrics_here = self.metrics.resource(config.metrics_key)
         self.resource = ProxyResource(
-            config, reactor, self.client, moderation=self.moderation
+            config,
+            reactor,
+            self.client,
+            moderation=self.moderation,
+            metrics=self.metrics,
+            drain=self.drain,
+            readiness=self.readiness,
+            metrics_resource=metrics_here,
         )
         self.site = ProxySite(
             self.resource, config.max_body, allow_any_origin="*" in config.cors_origins
         )
+        logs.register_secrets(
+            [
+                *config.proxy_keys,
+                *config.openai_keys,
+                config.metrics_key,
+                config.moderation.tencent_secret_id,
+                config.moderation.tencent_secret_key,
+            ]
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        self.moderation.startService()
+        self.drain.startService()
+        if not self.readiness.is_ready:
+            self._probe.start(_PROBE_INTERVAL, now=True)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        d: Deferred[None] = self.pool.closeCachedConnections()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._probe.running:
+            self._probe.stop()
+        # In-flight streams may still need moderation: drain first.
+        await self.drain.stopService()
+        self.moderation.stopService()
+        await self.pool.closeCachedConnections()
+
+    def _moderation_call(self, backend: str, result: str, seconds: float) -> None:
+        self.metrics.moderation_call(backend, result, seconds)
+        if result != "error":
+            self.readiness.mark("moderation")
+
+    def _probe_moderation(self) -> Deferred[None] | None:
+        # /readyz waits until the backend has answered once; a probe at
+        # start-up (then every few seconds until it answers) gets there
+        # without waiting for a user's request.
+        if self.readiness.is_ready:
+            self._probe.stop()
+            return None
+        key = self.config.openai_keys[0] if self.config.openai_keys else ""
+        d: Deferred[None] = self.moderation.probe(key)
         return d

@@ -152,6 +152,11 @@ class Config:
     max_body: int = 52_428_800
     cors_origins: tuple[str, ...] = ("*",)
     open_proxy: bool = False
+    grace: float = 30.0
+    log_format: str = "text"
+    log_bodies: bool = False
+    metrics_listen: str | None = None
+    metrics_key: str | None = field(default=None, repr=False)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
 
     @classmethod
@@ -195,6 +200,16 @@ class Config:
             open_proxy=parse_bool(
                 "--open/OPEN_PROXY", source("open", "OPEN_PROXY"), False
             ),
+            grace=parse_positive("--grace/GRACE", source("grace", "GRACE"), cls.grace),
+            log_format=parse_choice(
+                "--log-format/LOG_FORMAT",
+                source("log-format", "LOG_FORMAT"),
+                ("text", "json"),
+                "text",
+            ),
+            log_bodies=parse_bool("LOG_BODIES", source("", "LOG_BODIES"), False),
+            metrics_listen=source("metrics-listen", "METRICS_LISTEN") or None,
+            metrics_key=source("", "METRICS_KEY") or None,
             moderation=ModerationConfig.load(source),
         )._checked()
 

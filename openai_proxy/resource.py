@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from openai_proxy import errors
@@ -27,7 +27,11 @@ from openai_proxy.auth import KeyPolicy
 from openai_proxy.config import Config
 from openai_proxy.cors import CORS
 from openai_proxy.errors import ProxyError, write_error
+from openai_proxy.drain import DrainService, Readiness
 from openai_proxy.headers import REQUEST_DROPPED, RESPONSE_DROPPED, copy_headers
+from openai_proxy.logs import new_request_id
+from openai_proxy.metrics import Metrics, RequestHandle, route_family
+from openai_proxy.moderation import Moderation, Plan, StreamModerator
 from openai_proxy.relay import BodyRelay, BytesProducer, UpstreamTimeout
 from openai_proxy.upstream import Upstreams
 
@@ -38,28 +42,10 @@ _log = Logger()
 _LOCAL_FIELDS = ("moderation", "moderation_level")
 _HEALTHY = b'{"status": "ok"}'
 _DRAINING = b'{"status": "draining"}'
+_STARTING = b'{"status": "starting"}'
 _SSE = b"text/event-stream"
 _SPOOLED_BODY = 100_000  # twisted.web keeps smaller bodies in a BytesIO
-
-
-class _StreamModerator(Protocol):
-    blocked: bool
-
-    def feed(self, data: bytes) -> None: ...
-    def end(self) -> Deferred[None]: ...
-    def abandon(self) -> None: ...
-
-
-class _Plan(Protocol):
-    stream: bool
-
-    def stream_moderator(
-        self, write: Any, stop_upstream: Any, upstream_key: str
-    ) -> _StreamModerator: ...
-
-    def moderate_body(
-        self, body: bytes, upstream_key: str
-    ) -> Deferred[tuple[bytes, bool]]: ...
+_LOGGED_BODY = 4096  # with LOG_BODIES, this much of each request body is logged
 
 
 class _Exchange:
@@ -68,13 +54,19 @@ class _Exchange:
     up: cancel the upstream request, or close the upstream connection.
     """
 
-    def __init__(self, request: Request) -> None:
+    def __init__(
+        self, request: Request, metrics: RequestHandle, started: float
+    ) -> None:
         self.request = request
+        self.metrics = metrics
+        self.started = started
+        self.bytes_in = 0
+        self.logged_body: str | None = None
         self.gone = False
         self.ended = False
         self.pending: Deferred[Any] | None = None
         self.relay: BodyRelay | None = None
-        self.moderator: _StreamModerator | None = None
+        self.moderator: StreamModerator | None = None
         self.upstream_host: str | None = None
         request.notifyFinish().addErrback(self._client_left)
 
@@ -140,7 +132,11 @@ class ProxyResource(Resource):
         reactor: IReactorTime,
         client: HTTPClient,
         *,
-        moderation: Any = None,
+        moderation: Moderation,
+        metrics: Metrics,
+        drain: DrainService,
+        readiness: Readiness,
+        metrics_resource: IResource | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -149,42 +145,59 @@ class ProxyResource(Resource):
         self._upstreams = Upstreams(config.upstream, config.routes)
         self._cors = CORS(config.cors_origins)
         self._timeout = config.timeout
+        self._log_bodies = config.log_bodies
         self._moderation = moderation
-        self.draining = False
+        self._metrics = metrics
+        self._drain = drain
+        self._readiness = readiness
+        self._metrics_resource = metrics_resource
 
     def render(self, request: Request) -> bytes | int:
+        self._drain.track(request)
+        request.setHeader(b"x-proxy-request-id", new_request_id().encode("ascii"))
         self._cors.apply(request)
-        started = self._reactor.seconds()
+        handle = self._metrics.request_started(
+            request.method, route_family(request.path)
+        )
+        exchange = _Exchange(request, handle, self._reactor.seconds())
+        request.notifyFinish().addBoth(self._finished, exchange)
         if not request.uri.startswith(b"/"):
             write_error(request, errors.ABSOLUTE_URI)
             return NOT_DONE_YET
         if request.method == b"OPTIONS":
             return self._cors.preflight(request)
         if request.path == b"/healthz":
-            return self._health(request)
-        exchange = _Exchange(request)
-        request.notifyFinish().addBoth(self._log_access, exchange, started)
+            return self._status(request, not self._drain.draining)
+        if request.path == b"/readyz":
+            return self._status(
+                request, self._readiness.is_ready and not self._drain.draining
+            )
+        if request.path == b"/metrics" and self._metrics_resource is not None:
+            result: bytes | int = self._metrics_resource.render(request)
+            return result
         Deferred.fromCoroutine(self._relay(exchange)).addErrback(
             self._crashed, exchange
         )
         return NOT_DONE_YET
 
-    def _health(self, request: Request) -> bytes:
+    def _status(self, request: Request, ok: bool) -> bytes:
         request.setHeader(b"content-type", errors.JSON_CONTENT_TYPE)
         request.setHeader(b"cache-control", b"no-store")
-        if self.draining:
-            request.setResponseCode(503)
-            return _DRAINING
-        return _HEALTHY
+        if ok:
+            return _HEALTHY
+        request.setResponseCode(503)
+        return _DRAINING if self._drain.draining else _STARTING
 
     async def _relay(self, exchange: _Exchange) -> None:
         request = exchange.request
         try:
             key = self._keys.upstream_key(request.getHeader(b"authorization"))
-            body, fields = self._body(request)
-            plan = self._plan(request, fields)
-            if plan is not None and fields is not None:
-                await self._moderation.check_input(plan, fields, key)
+            body, fields = self._body(exchange)
+            plan = None
+            if request.method == b"POST":
+                plan = self._moderation.plan(request.path, fields)
+                if fields is not None:
+                    await self._moderation.check_input(request.path, fields, key)
             response = await self._send(exchange, key, body)
         except ProxyError as e:
             exchange.fail(e)
@@ -200,17 +213,21 @@ class ProxyResource(Resource):
         await self._respond(exchange, response, plan, key)
 
     def _body(
-        self, request: Request
+        self, exchange: _Exchange
     ) -> tuple[IBodyProducer | None, dict[str, Any] | None]:
         """
         The body to send upstream, and the request's JSON object when it had
         to be read (to remove the local fields, or for moderation).
         """
+        request = exchange.request
         content = request.content
         if content is None:
             return None, None
-        size = content.seek(0, 2)
+        size = exchange.bytes_in = content.seek(0, 2)
         content.seek(0)
+        if self._log_bodies and size:
+            exchange.logged_body = content.read(_LOGGED_BODY).decode("utf-8", "replace")
+            content.seek(0)
         if size == 0:
             has_body = request.getHeader(b"content-length") is not None or (
                 request.getHeader(b"transfer-encoding") is not None
@@ -222,7 +239,7 @@ class ProxyResource(Resource):
                 return BytesProducer(content.read()), None
             return FileBodyProducer(content), None
         raw = content.read()
-        if b'"moderation' not in raw and self._moderation is None:
+        if b'"moderation' not in raw and not self._moderation.reads(request.path):
             return BytesProducer(raw), None
         try:
             fields = json.loads(raw)
@@ -237,12 +254,6 @@ class ProxyResource(Resource):
                 stripped, ensure_ascii=False, separators=(",", ":")
             ).encode()
         return BytesProducer(raw), fields
-
-    def _plan(self, request: Request, fields: dict[str, Any] | None) -> _Plan | None:
-        if self._moderation is None:
-            return None
-        plan: _Plan | None = self._moderation.plan(request.path, fields)
-        return plan
 
     async def _send(
         self, exchange: _Exchange, key: str, body: IBodyProducer | None
@@ -267,6 +278,7 @@ class ProxyResource(Resource):
             timeout=self._timeout,
         )
         exchange.pending = d
+        sent = self._reactor.seconds()
         try:
             response: IResponse = await d
         except Exception:
@@ -274,6 +286,7 @@ class ProxyResource(Resource):
                 return None
             failure = Failure()
             error = upstream_error(failure)
+            self._metrics.upstream_error(_ERROR_KINDS[error.code])
             _log.info(
                 "upstream {host} failed: {error}",
                 host=exchange.upstream_host,
@@ -282,10 +295,11 @@ class ProxyResource(Resource):
             raise error from None
         finally:
             exchange.pending = None
+        exchange.metrics.upstream_headers(self._reactor.seconds() - sent)
         return response
 
     async def _respond(
-        self, exchange: _Exchange, response: IResponse, plan: _Plan | None, key: str
+        self, exchange: _Exchange, response: IResponse, plan: Plan | None, key: str
     ) -> None:
         request = exchange.request
         request.setResponseCode(response.code, response.phrase)
@@ -295,6 +309,7 @@ class ProxyResource(Resource):
         if sse:
             request.setHeader(b"cache-control", b"no-cache")
             request.setHeader(b"x-accel-buffering", b"no")
+            exchange.metrics.stream_started()
         if plan is not None and response.code == 200 and plan.stream == sse:
             if sse:
                 await self._relay_moderated_stream(exchange, response, plan, key)
@@ -331,6 +346,7 @@ class ProxyResource(Resource):
         request = exchange.request
         timed_out = failure.check(UpstreamTimeout) is not None
         error = errors.UPSTREAM_TIMEOUT if timed_out else errors.UPSTREAM_FAILED
+        self._metrics.upstream_error(_ERROR_KINDS[error.code])
         _log.info(
             "upstream {host} body ended early: {why}",
             host=exchange.upstream_host,
@@ -347,7 +363,7 @@ class ProxyResource(Resource):
             exchange.abort()
 
     async def _relay_moderated_stream(
-        self, exchange: _Exchange, response: IResponse, plan: _Plan, key: str
+        self, exchange: _Exchange, response: IResponse, plan: Plan, key: str
     ) -> None:
         def stop_upstream() -> None:
             if exchange.relay is not None:
@@ -357,11 +373,13 @@ class ProxyResource(Resource):
         exchange.moderator = moderator
         broken = await self._deliver(exchange, response, moderator.feed)
         await moderator.end()
-        if broken is not None and not moderator.blocked:
+        if moderator.blocked:
+            self._metrics.stream_blocked()
+        elif broken is not None:
             self._broken_body(exchange, broken, True)
 
     async def _relay_moderated_body(
-        self, exchange: _Exchange, response: IResponse, plan: _Plan, key: str
+        self, exchange: _Exchange, response: IResponse, plan: Plan, key: str
     ) -> None:
         chunks: list[bytes] = []
         broken = await self._deliver(exchange, response, chunks.append)
@@ -385,16 +403,34 @@ class ProxyResource(Resource):
             )
         )
 
-    def _log_access(self, result: object, exchange: _Exchange, started: float) -> None:
+    def _finished(self, result: object, exchange: _Exchange) -> None:
         request = exchange.request
+        hung_up = isinstance(result, Failure)
+        # 499: nginx's "client closed request", for a response never completed.
+        status = 499 if hung_up else request.code
+        exchange.metrics.finished(
+            status, exchange.bytes_in, request.sentLength, hung_up
+        )
+        request_id = request.responseHeaders.getRawHeaders(
+            b"x-proxy-request-id", [b"-"]
+        )[0]
         log_request(
             method=request.method,
             path=request.path,
-            status=request.code if not exchange.gone else 499,
+            status=status,
             bytes_out=request.sentLength,
-            duration=self._reactor.seconds() - started,
+            duration=self._reactor.seconds() - exchange.started,
             upstream=exchange.upstream_host,
+            request_id=request_id.decode("ascii"),
+            body=exchange.logged_body,
         )
+
+
+_ERROR_KINDS = {
+    errors.UPSTREAM_TIMEOUT.code: "timeout",
+    errors.UPSTREAM_UNREACHABLE.code: "unreachable",
+    errors.UPSTREAM_FAILED.code: "reset",
+}
 
 
 def _as_proxy_error(e: Exception) -> ProxyError | None:

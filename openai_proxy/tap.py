@@ -9,6 +9,7 @@ import os
 from twisted.application import service, strports
 from twisted.python import usage
 
+from openai_proxy import logs
 from openai_proxy.config import Config, ConfigError
 from openai_proxy.moderation.config import MODERATION_OPTIONS
 
@@ -82,6 +83,7 @@ class Options(usage.Options):
             )
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        logs.use_log_format(self, self["config"].log_format)
 
 
 def makeService(options: Options) -> service.IService:
@@ -89,11 +91,18 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     from openai_proxy.app import ProxyApp
+    from openai_proxy.metrics import make_metrics_service
 
     config: Config = options["config"]
     app = ProxyApp(config, reactor)
     top = service.MultiService()
     app.setServiceParent(top)
+    # The app first: services stop in reverse order, so the ports stop
+    # accepting before the app drains the requests in flight.
     for description in config.listen:
         strports.service(description, app.site).setServiceParent(top)
+    if config.metrics_listen is not None:
+        make_metrics_service(
+            config.metrics_listen, app.metrics.resource(config.metrics_key), reactor
+        ).setServiceParent(top)
     return top

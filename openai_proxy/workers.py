@@ -1,0 +1,473 @@
+"""
+Several processes serving the same listening socket(s): one daemon uses
+every core with no balancer in front.
+
+The main process (worker 0) binds each C{tcp:} listen description itself,
+serves on it, and starts C{workers - 1} child processes.  Each child gets
+the listening sockets as inherited file descriptors and the plugin's parsed
+options over a pipe, runs the plugin's C{makeService} again (so it builds
+exactly the same application), and there L{listen_and_fork} adopts the
+inherited sockets (C{IReactorSocket.adoptStreamPort}) instead of binding.
+The kernel hands each new connection to whichever process accepts first.
+
+Lifecycle:
+ - a child that exits is started again, after a back-off that doubles from
+   0.1 s up to 30 s (reset once a child has run for 10 s);
+ - stopping the main service (C{SIGTERM} to twistd) stops listening, sends
+   C{SIGTERM} to every child, and waits for them (their own services drain
+   in-flight requests), killing any still alive after C{grace} seconds;
+ - a child whose parent dies stops too: the pipe it reads its settings from
+   reaches end-of-file, and on Linux it also gets C{SIGTERM}
+   (C{PR_SET_PDEATHSIG}).
+
+Only plain C{tcp:} descriptions can be shared; asking for more than one
+worker with any other raises L{ConfigError}.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.application.strports import service as strports_service
+from twisted.internet import endpoints
+from twisted.internet.address import IPv6Address
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProtocolFactory,
+    IReadDescriptor,
+)
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.python.failure import Failure
+from twisted.python.reflect import namedAny
+from zope.interface import implementer
+
+from openai_proxy.config import ConfigError
+
+_log = Logger()
+
+#: The setting's name in messages, as users write it.
+SETTING = "--workers/WORKERS"
+#: The child's command: nothing on the command line, everything on its stdin.
+CHILD_ARGV = ("-c", "from openai_proxy.workers import child_main; child_main()")
+#: The first inherited listening socket's descriptor in a child.
+_FIRST_FD = 3
+_MIN_BACKOFF = 0.1
+_MAX_BACKOFF = 30.0
+# A child that lived this long is healthy: the next restart is immediate-ish.
+_HEALTHY_RUN = 10.0
+_PR_SET_PDEATHSIG = 1
+
+# Set in a child by child_main: the inherited sockets, (fd, address family).
+_inherited: tuple[tuple[int, int], ...] | None = None
+
+
+def parse_workers(raw: str | None) -> int:
+    """
+    Parse the C{--workers}/C{WORKERS} setting: a whole number ≥ 1, or
+    C{auto} for the number of CPUs this process may run on.  Unset or blank
+    means 1.
+
+    @raise ConfigError: for anything else.
+    """
+    if raw is None or raw.strip() == "":
+        return 1
+    value = raw.strip().lower()
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        count = int(value)
+    except ValueError:
+        raise ConfigError(
+            SETTING, f"expected a whole number or auto, got {raw!r}"
+        ) from None
+    if count < 1:
+        raise ConfigError(SETTING, f"must be at least 1, got {raw!r}")
+    return count
+
+
+def is_worker() -> bool:
+    """
+    True in a child process started by L{listen_and_fork}.  A C{makeService}
+    that binds anything besides the shared listen descriptions (a metrics
+    port, say) must skip that when this is true: the main process has it.
+    """
+    return _inherited is not None
+
+
+def listen_and_fork(
+    listen: Sequence[str],
+    site: IProtocolFactory,
+    workers: int,
+    reactor: Any,
+    options: Mapping[str, Any],
+    *,
+    service_maker: str = "openai_proxy.tap.makeService",
+    grace: float = 60.0,
+) -> IService:
+    """
+    Return the service that serves C{site} on every description in
+    C{listen}, from C{workers} processes.
+
+    With C{workers == 1} this is exactly what C{strports.service} gives for
+    each description.  With more, every description must be a plain C{tcp:}
+    one: the service binds them when started (as twistd's privileged start)
+    and starts C{workers - 1} children, each of which unpickles C{options}
+    (a plain copy of the plugin's parsed options: they must pickle) and calls
+    C{service_maker(options)} (a dotted name), whose own call to this
+    function then adopts the inherited sockets.  In a child this function
+    ignores C{workers} and returns the adopting service.
+
+    @param grace: seconds to wait for children to finish draining on stop
+        before killing them.
+    @raise ConfigError: when C{workers > 1} and a description is not C{tcp:}.
+    """
+    if _inherited is not None:
+        return _AdoptedPorts(_inherited, site, reactor)
+    if workers <= 1:
+        top = MultiService()
+        for description in listen:
+            strports_service(description, site, reactor=reactor).setServiceParent(top)
+        return top
+    tcp = []
+    for description in listen:
+        # Checked before parsing: parsing ssl: would already load its files.
+        kind = description.split(":", 1)[0].strip().lower()
+        endpoint = (
+            endpoints.serverFromString(reactor, description)
+            if kind in ("tcp", "tcp6")
+            else None
+        )
+        if not isinstance(
+            endpoint, endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint
+        ):
+            raise ConfigError(
+                SETTING,
+                f"more than one worker can only share plain tcp: listen descriptions, "
+                f"not {description!r}; use --workers 1 for it",
+            )
+        tcp.append(endpoint)
+    parent = getattr(options, "parent", None)
+    spec = _Spec(
+        service_maker=service_maker,
+        options=dict(options),
+        logger=parent.get("logger") if parent is not None else None,
+        parent_pid=os.getpid(),
+        families=(),
+    )
+    return WorkersService(tcp, site, workers - 1, reactor, spec, grace=grace)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a child needs: sent pickled, length-prefixed, on its stdin."""
+
+    service_maker: str
+    options: dict[str, Any]
+    logger: str | None
+    parent_pid: int
+    families: tuple[int, ...]
+
+
+class _AdoptedPorts(Service):
+    """In a child: listen on the inherited sockets."""
+
+    def __init__(
+        self, fds: Sequence[tuple[int, int]], site: IProtocolFactory, reactor: Any
+    ):
+        self._fds = tuple(fds)
+        self._site = site
+        self._reactor = reactor
+        self._ports: list[IListeningPort] = []
+
+    def startService(self) -> None:
+        super().startService()
+        for fd, family in self._fds:
+            self._ports.append(self._reactor.adoptStreamPort(fd, family, self._site))
+            # adoptStreamPort works on a duplicate; the original is ours to close.
+            os.close(fd)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        ports, self._ports = self._ports, []
+        return DeferredList([maybeDeferred(p.stopListening) for p in ports])
+
+
+class WorkersService(Service):
+    """
+    In the main process: bind the shared sockets, serve on them, and keep
+    C{children} child processes serving on them too (see the module
+    docstring for restarts and stopping).
+
+    C{pids} are the running children's process ids.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[
+            endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint
+        ],
+        site: IProtocolFactory,
+        children: int,
+        reactor: Any,
+        spec: _Spec,
+        *,
+        grace: float = 60.0,
+    ) -> None:
+        self._endpoints = tuple(endpoints)
+        self._site = site
+        self._children = children
+        self._reactor = reactor
+        self._spec = spec
+        self._grace = grace
+        self._ports: list[IListeningPort] = []
+        self._procs: dict[int, _Child] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self._backoff = [_MIN_BACKOFF] * children
+        self._stopped: Deferred[None] | None = None
+        self.restarts = 0
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.pid for c in self._procs.values() if c.pid is not None]
+
+    def privilegedStartService(self) -> None:
+        # Bound here, like strports services: twistd may drop privileges next.
+        super().privilegedStartService()
+        for endpoint in self._endpoints:
+            self._ports.append(_listen_now(endpoint, self._site))
+
+    def startService(self) -> None:
+        if not self._ports:
+            self.privilegedStartService()
+        super().startService()
+        families = tuple(
+            socket.AF_INET6 if isinstance(p.getHost(), IPv6Address) else socket.AF_INET
+            for p in self._ports
+        )
+        self._payload = _frame(
+            pickle.dumps(
+                _Spec(
+                    self._spec.service_maker,
+                    self._spec.options,
+                    self._spec.logger,
+                    os.getpid(),
+                    families,
+                )
+            )
+        )
+        for index in range(self._children):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
+        for i, port in enumerate(self._ports):
+            child_fds[_FIRST_FD + i] = port.fileno()  # type: ignore[attr-defined]
+        child = _Child(self, index, time.monotonic())
+        self._reactor.spawnProcess(
+            child,
+            sys.executable,
+            [sys.executable, *CHILD_ARGV],
+            env=dict(os.environ),
+            childFDs=child_fds,
+        )
+        # Kept open: end-of-file on it tells the child its parent is gone.
+        child.transport.writeToChild(0, self._payload)  # type: ignore[union-attr]
+        self._procs[index] = child
+        _log.info("worker {index} started, pid {pid}", index=index + 1, pid=child.pid)
+
+    def _ended(self, child: _Child, reason: Failure) -> None:
+        if self._procs.get(child.index) is child:
+            del self._procs[child.index]
+        if self._stopped is not None:
+            if not self._procs:
+                self._stopped.callback(None)
+            return
+        if not self.running:
+            return
+        lived = time.monotonic() - child.started
+        if lived >= _HEALTHY_RUN:
+            self._backoff[child.index] = _MIN_BACKOFF
+        delay = self._backoff[child.index]
+        self._backoff[child.index] = min(_MAX_BACKOFF, delay * 2)
+        self.restarts += 1
+        _log.warn(
+            "worker {index} (pid {pid}) exited ({why}); restarting in {delay:.1f}s",
+            index=child.index + 1,
+            pid=child.pid,
+            why=reason.getErrorMessage(),
+            delay=delay,
+        )
+        self._restarts[child.index] = self._reactor.callLater(
+            delay, self._spawn, child.index
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        for call in self._restarts.values():
+            call.cancel()
+        self._restarts.clear()
+        ports, self._ports = self._ports, []
+        for port in ports:
+            port.stopListening()
+        if not self._procs:
+            return succeed(None)
+        self._stopped = Deferred()
+        for child in self._procs.values():
+            child.signal("TERM")
+        killer = self._reactor.callLater(self._grace, self._kill_all)
+        self._stopped.addBoth(_cancel_then, killer)
+        return self._stopped
+
+    def _kill_all(self) -> None:
+        for child in self._procs.values():
+            _log.warn(
+                "worker pid {pid} still running after grace: killing", pid=child.pid
+            )
+            child.signal("KILL")
+
+
+def _cancel_then(result: object, call: IDelayedCall) -> object:
+    if call.active():
+        call.cancel()
+    return result
+
+
+def _listen_now(endpoint: Any, site: IProtocolFactory) -> IListeningPort:
+    # TCP endpoints listen synchronously; an error (address in use) is
+    # raised here so twistd refuses to start, as with strports services.
+    outcome: list[Any] = []
+    endpoint.listen(site).addBoth(outcome.append)
+    if not outcome:
+        raise RuntimeError(f"{endpoint!r} did not listen synchronously")
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    port: IListeningPort = outcome[0]
+    return port
+
+
+class _Child(ProcessProtocol):
+    def __init__(self, service: WorkersService, index: int, started: float) -> None:
+        self.service = service
+        self.index = index
+        self.started = started
+        self.pid: int | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.pid = transport.pid
+        super().makeConnection(transport)
+
+    def signal(self, name: str) -> None:
+        try:
+            self.transport.signalProcess(name)  # type: ignore[union-attr]
+        except Exception:
+            pass  # already gone: processEnded is on its way
+
+    def processEnded(self, reason: Failure) -> None:
+        self.service._ended(self, reason)
+
+
+def _frame(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            raise SystemExit(
+                "openai-proxy worker: parent went away before sending settings"
+            )
+        data += more
+    return data
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the stdin watch still stops us
+    if os.getppid() != parent_pid:
+        # The parent died before prctl took effect.
+        raise SystemExit(0)
+
+
+@implementer(IReadDescriptor)
+class _ParentWatch:
+    """Reads the settings pipe; end-of-file means the parent is gone."""
+
+    def __init__(self, on_gone: Callable[[], None]) -> None:
+        self._on_gone = on_gone
+
+    def fileno(self) -> int:
+        return 0
+
+    def logPrefix(self) -> str:
+        return "parent-watch"
+
+    def doRead(self) -> None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return
+        if not data:
+            self._on_gone()
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+
+def child_main() -> None:
+    """
+    A child's entry point (see L{CHILD_ARGV}): read the settings from
+    stdin, build the application with the plugin's C{makeService}, adopt
+    the inherited sockets, and run until C{SIGTERM} or the parent's death.
+    """
+    global _inherited
+    size = struct.unpack(">I", _read_exactly(0, 4))[0]
+    spec: _Spec = pickle.loads(_read_exactly(0, size))
+    _die_with_parent(spec.parent_pid)
+    _inherited = tuple((_FIRST_FD + i, f) for i, f in enumerate(spec.families))
+
+    from twisted.internet import reactor
+
+    observer = (
+        namedAny(spec.logger)() if spec.logger else textFileLogObserver(sys.stdout)
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    top: IService = namedAny(spec.service_maker)(spec.options)
+    watch = _ParentWatch(_stop_reactor(reactor))
+    os.set_blocking(0, False)
+    reactor.addReader(cast(IReadDescriptor, watch))
+    reactor.callWhenRunning(top.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    _log.info("worker pid {pid} serving", pid=os.getpid())
+    reactor.run()
+
+
+def _stop_reactor(reactor: Any) -> Callable[[], None]:
+    def stop() -> None:
+        _log.info("parent gone: stopping")
+        for reader in list(reactor.getReaders()):
+            if isinstance(reader, _ParentWatch):
+                reactor.removeReader(reader)
+        reactor.stop()
+
+    return stop

@@ -1,0 +1,231 @@
+"""Tests for L{openai_proxy.logs}: NDJSON output, redaction, request ids."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.logger import FileLogObserver, ILogObserver, Logger
+from twisted.python import usage
+from twisted.scripts.twistd import ServerOptions
+from twisted.trial.unittest import TestCase
+
+from openai_proxy import logs
+
+OPENAI_KEY = "sk-proj-Abc123Def456Ghi789Jkl012"
+PROXY_KEY = "plain-proxy-key-without-shape"
+SECRET_FIELDS = ("authorization", "api_key", "openaiKey", "token", "secret", "password")
+
+
+class _Leaky:
+    """An object whose repr holds a key, as a careless log call might pass."""
+
+    def __repr__(self) -> str:
+        return f"<Leaky key={PROXY_KEY} auth=Bearer {OPENAI_KEY}>"
+
+
+class _Isolated(TestCase):
+    """Keeps L{logs.register_secrets} from leaking between tests."""
+
+    def setUp(self) -> None:
+        self.patch(logs, "_registered", set())
+        self.patch(logs, "_pattern", logs._pattern)
+
+
+class JSONObserverTests(_Isolated):
+    """L{logs.json_observer} writes one parseable, key-free object per line."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.out = io.StringIO()
+        self.log = Logger(namespace="test", observer=logs.json_observer(self.out))
+
+    def lines(self) -> list[dict[str, Any]]:
+        text = self.out.getvalue()
+        self.assertTrue(text.endswith("\n"))
+        return [json.loads(line) for line in text.splitlines()]
+
+    def test_one_object_per_line_with_fields_and_text(self) -> None:
+        self.log.info("upstream answered {status}", status=200, request_id="ab12")
+        self.log.warn("second line\nwith a newline")
+        first, second = self.lines()
+        self.assertEqual(first["status"], 200)
+        self.assertEqual(first["request_id"], "ab12")
+        self.assertEqual(first["log_text"], "upstream answered 200")
+        self.assertEqual(first["log_level"]["name"], "info")
+        self.assertEqual(first["log_namespace"], "test")
+        self.assertEqual(second["log_text"], "second line\nwith a newline")
+
+    def test_no_record_separator(self) -> None:
+        self.log.info("x")
+        self.assertNotIn("\x1e", self.out.getvalue())
+
+    def test_fields_named_like_secrets_redacted(self) -> None:
+        fields = {name: PROXY_KEY for name in SECRET_FIELDS}
+        self.log.info("auth {authorization} via {api_key}", **fields)
+        [line] = self.lines()
+        self.assertNotIn(PROXY_KEY, self.out.getvalue())
+        for name in SECRET_FIELDS:
+            self.assertEqual(line[name], logs.REDACTED)
+        self.assertIn(logs.REDACTED, line["log_text"])
+
+    def test_nested_secret_fields_and_bearer_values_redacted(self) -> None:
+        headers = {
+            "Authorization": f"Bearer {PROXY_KEY}",
+            "X-Note": f"forwarded Bearer {PROXY_KEY}",
+            "content-type": "application/json",
+        }
+        self.log.info(
+            "headers {headers}", headers=headers, raw=[b"Bearer " + b"x" * 30]
+        )
+        [line] = self.lines()
+        self.assertNotIn(PROXY_KEY, self.out.getvalue())
+        self.assertNotIn("x" * 30, self.out.getvalue())
+        self.assertEqual(line["headers"]["content-type"], "application/json")
+
+    def test_key_shaped_text_in_format_string_redacted(self) -> None:
+        self.log.info(f"client sent {OPENAI_KEY} in the body")
+        [line] = self.lines()
+        self.assertNotIn(OPENAI_KEY, self.out.getvalue())
+        self.assertEqual(line["log_text"], f"client sent {logs.REDACTED} in the body")
+
+    def test_failure_with_key_in_message_redacted(self) -> None:
+        try:
+            raise ValueError(f"upstream refused key {OPENAI_KEY}")
+        except ValueError:
+            self.log.failure("upstream call failed")
+        [line] = self.lines()
+        self.assertNotIn(OPENAI_KEY, self.out.getvalue())
+        self.assertIn("ValueError", line["log_traceback"])
+
+    def test_registered_secret_redacted_anywhere(self) -> None:
+        logs.register_secrets([PROXY_KEY, None, "", "ab"])
+        self.log.info("object {thing!r}", thing=_Leaky(), other=_Leaky())
+        self.assertNotIn(PROXY_KEY, self.out.getvalue())
+        self.assertNotIn(OPENAI_KEY, self.out.getvalue())
+        [line] = self.lines()
+        # Too short to register: "ab" must not have been scrubbed from words.
+        self.assertIn("auth=", line["log_text"])
+
+    def test_counts_named_tokens_kept(self) -> None:
+        self.log.info("usage", prompt_tokens=12, max_tokens=100, keywords=["x"])
+        [line] = self.lines()
+        self.assertEqual(
+            (line["prompt_tokens"], line["max_tokens"], line["keywords"]),
+            (12, 100, ["x"]),
+        )
+
+    def test_event_seen_by_other_observers_unchanged(self) -> None:
+        event = {
+            "log_format": "k {api_key}",
+            "api_key": PROXY_KEY,
+            "log_namespace": "t",
+        }
+        observer = logs.json_observer(io.StringIO())
+        observer(event)
+        self.assertEqual(event["api_key"], PROXY_KEY)
+        self.assertNotIn("log_text", event)
+
+
+class TextObserverTests(_Isolated):
+    """L{logs.text_observer} writes Twisted's text lines, redacted the same way."""
+
+    def test_text_redacted(self) -> None:
+        out = io.StringIO()
+        log = Logger(namespace="test", observer=logs.text_observer(out))
+        log.info(
+            "key {api_key} and {header}",
+            api_key=PROXY_KEY,
+            header=f"Bearer {OPENAI_KEY}",
+        )
+        try:
+            raise RuntimeError(OPENAI_KEY)
+        except RuntimeError:
+            log.failure("oops")
+        text = out.getvalue()
+        self.assertNotIn(PROXY_KEY, text)
+        self.assertNotIn(OPENAI_KEY, text)
+        self.assertIn("[test#info] key [REDACTED] and Bearer [REDACTED]", text)
+        self.assertIn("RuntimeError", text)
+
+
+class RedactTextTests(_Isolated):
+    """L{logs.redact_text} finds key-shaped strings wherever they are."""
+
+    @given(
+        st.text(max_size=20),
+        st.from_regex(r"sk-[A-Za-z0-9_-]{20,40}", fullmatch=True),
+        st.text(max_size=20),
+    )
+    def test_openai_key_never_survives(self, before: str, key: str, after: str) -> None:
+        self.assertNotIn(key, logs.redact_text(before + key + after))
+
+    @given(st.from_regex(r"[A-Za-z0-9._~+/=-]{8,40}", fullmatch=True))
+    def test_bearer_token_never_survives(self, token: str) -> None:
+        redacted = logs.redact_text(f'{{"Authorization": "Bearer {token}"}}')
+        self.assertEqual(redacted, f'{{"Authorization": "Bearer {logs.REDACTED}"}}')
+
+    def test_ordinary_text_untouched(self) -> None:
+        text = "POST /v1/chat/completions 200 in 1.2s; ask-me; key=value"
+        self.assertEqual(logs.redact_text(text), text)
+
+
+class TwistdLoggerTests(_Isolated):
+    """The observers plug into twistd through its C{--logger} option."""
+
+    def plugin_options(self, *twistd_args: str) -> tuple[ServerOptions, usage.Options]:
+        parent = ServerOptions()
+        parent.parseOptions(["-n", *twistd_args])
+        child = usage.Options()
+        child.parent = parent
+        return parent, child
+
+    def test_use_log_format_json_installs_factory(self) -> None:
+        parent, child = self.plugin_options()
+        logs.use_log_format(child, "json")
+        parent.postOptions()  # twistd resolves the dotted name here
+        self.assertIs(parent["logger"], logs.json_observer)
+
+    def test_use_log_format_text_installs_redacting_text(self) -> None:
+        parent, child = self.plugin_options()
+        logs.use_log_format(child, "text")
+        parent.postOptions()
+        self.assertIs(parent["logger"], logs.text_observer)
+
+    def test_explicit_logger_left_alone(self) -> None:
+        parent, child = self.plugin_options(
+            "--logger=twisted.logger.textFileLogObserver"
+        )
+        before = parent["logger"]
+        logs.use_log_format(child, "json")
+        self.assertIs(parent["logger"], before)
+
+    def test_unknown_format_refused(self) -> None:
+        _, child = self.plugin_options()
+        self.assertRaises(ValueError, logs.use_log_format, child, "xml")
+
+    def test_zero_argument_factories_write_stdout_as_log_observers(self) -> None:
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        for factory in (logs.json_observer, logs.text_observer):
+            observer = factory()
+            self.assertIsInstance(observer, FileLogObserver)
+            self.assertTrue(ILogObserver.providedBy(observer))
+            observer({"log_format": "hello", "log_time": 0.0})
+        first, second = stdout.getvalue().splitlines()
+        self.assertEqual(json.loads(first)["log_text"], "hello")
+        self.assertTrue(second.endswith("hello"))
+
+
+class RequestIdTests(TestCase):
+    """L{logs.new_request_id} gives short, fresh hex ids."""
+
+    def test_short_unique_hex(self) -> None:
+        ids = {logs.new_request_id() for _ in range(1000)}
+        self.assertEqual(len(ids), 1000)
+        self.assertTrue(all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids))

@@ -26,8 +26,8 @@ from openai_proxy.access import log_request
 from openai_proxy.auth import KeyPolicy
 from openai_proxy.config import Config
 from openai_proxy.cors import CORS
-from openai_proxy.errors import ProxyError, write_error
 from openai_proxy.drain import DrainService, Readiness
+from openai_proxy.errors import ProxyError, write_error
 from openai_proxy.headers import REQUEST_DROPPED, RESPONSE_DROPPED, copy_headers
 from openai_proxy.logs import new_request_id
 from openai_proxy.metrics import Metrics, RequestHandle, route_family

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from openai_proxy.moderation import Moderation, ModerationConfig, Plan, Verdict
-from tests.test_moderation_fakes import FixedBackend
+from tests.moderation_fakes import FixedBackend
 
 REFUSAL = "换个话题吧。"
 

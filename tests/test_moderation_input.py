@@ -14,7 +14,7 @@ from openai_proxy.moderation import (
     Verdict,
 )
 from openai_proxy.moderation.inputs import input_text
-from tests.test_moderation_fakes import FixedBackend
+from tests.moderation_fakes import FixedBackend
 
 
 def moderation(moderate_input: bool = True) -> tuple[Moderation, FixedBackend]:

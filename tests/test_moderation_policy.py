@@ -16,7 +16,7 @@ from openai_proxy.moderation import (
 )
 from openai_proxy.moderation.checker import Checker, pieces
 from openai_proxy.moderation.policy import stops
-from tests.test_moderation_fakes import FixedBackend, ManualBackend
+from tests.moderation_fakes import FixedBackend, ManualBackend
 
 
 def result(d: Any) -> Any:

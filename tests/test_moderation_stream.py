@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from openai_proxy.moderation.chunks import shape_for
 from openai_proxy.moderation.stream import Check, StreamModerator
-from tests.test_moderation_fakes import (
+from tests.moderation_fakes import (
     CHUNK,
     DONE,
     ManualCheck,
@@ -244,6 +244,22 @@ class BlockTests(TestCase):
             finish["choices"][0],
             {"index": 1, "delta": {}, "finish_reason": "content_filter"},
         )
+
+    def test_earlier_events_of_other_choices_still_go_out_after_a_block(
+        self,
+    ) -> None:
+        h = Harness()
+        first, blocked, later = chat(0, "fine!"), chat(1, "nasty!"), chat(0, "more!")
+        h.feed(first, blocked, later)
+        h.check.answer("nasty!", stopped=True)
+        self.assertEqual(h.stops, 1)  # the upstream is closed at once
+        self.assertEqual(h.output, b"")  # but "fine!" has not been judged yet
+        h.check.answer("fine!")
+        self.assertTrue(h.output.startswith(first))
+        refusal, finish, done = payloads(h.output[len(first) :])
+        self.assertEqual(refusal["choices"][0]["index"], 1)
+        self.assertEqual(done, "[DONE]")
+        self.assertNotIn(b"more!", h.output)
 
     def test_blocked_tail_while_end_waits(self) -> None:
         h = Harness()

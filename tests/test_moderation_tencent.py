@@ -170,7 +170,7 @@ class TencentTests(TestCase):
 
     @inlineCallbacks
     def test_stream_through_tms(self) -> Any:
-        from tests.test_moderation_fakes import DONE, chat
+        from tests.moderation_fakes import DONE, chat
 
         plan = self.plan()
         written: list[bytes] = []

@@ -53,10 +53,11 @@ class StreamModerator:
     sentence it carries text of has passed moderation.
 
     Events are written with C{write} byte for byte as the upstream sent
-    them, in their original order.  When a sentence is stopped, the text
-    before it is written in full, then the shape's refusal events (refusal
-    text, C{content_filter}, end of stream); nothing else is written,
-    L{blocked} becomes true and C{stop_upstream} is called.
+    them, in their original order.  When a sentence is stopped,
+    C{stop_upstream} is called and L{blocked} becomes true; the events before
+    it are still written as their own sentences (of other choices) pass,
+    then the text before it, then the shape's refusal events (refusal text,
+    C{content_filter}, end of stream), and nothing else.
 
     @ivar blocked: whether a sentence was stopped.
     """
@@ -81,11 +82,14 @@ class StreamModerator:
         self._done = False  # nothing more is ever written
         self._waiters: list[Deferred[None]] = []
         self._inflight: set[Deferred[bool]] = set()
+        # Set by a stopped sentence: its choice, and that choice's text
+        # offset where the output is cut.
+        self._cut: tuple[Key, _Choice] | None = None
         self.blocked = False
 
     def feed(self, data: bytes) -> None:
         """Take upstream body bytes as they arrive."""
-        if self._ended or self._done:
+        if self._ended or self._done or self._cut is not None:
             return
         self._take(self._parser.feed(data))
 
@@ -99,7 +103,8 @@ class StreamModerator:
             return succeed(None)
         if not self._ended:
             self._ended = True
-            self._take(self._parser.finish(), final=True)
+            if self._cut is None:
+                self._take(self._parser.finish(), final=True)
             if self._done:
                 return succeed(None)
         d: Deferred[None] = Deferred()
@@ -200,7 +205,10 @@ class StreamModerator:
     def _release(self) -> None:
         while self._held and not self._done:
             held = self._held[0]
-            if any(self._choices[key].passed < need for key, need, _ in held.needs):
+            waiting = [k for k, need, _ in held.needs if self._choices[k].passed < need]
+            if waiting:
+                if self._cut is not None and self._cut[0] in waiting:
+                    self._refuse()  # the first event holding stopped text
                 return
             self._held.popleft()
             for key, _, end in held.needs:
@@ -208,21 +216,30 @@ class StreamModerator:
                 choice.unreleased = choice.unreleased[end - choice.released :]
                 choice.released = end
             self._write(held.raw)
-        if self._ended and not self._done:
+        if self._cut is not None and not self._done:
+            self._refuse()
+        elif self._ended and not self._done:
             self._finish()
 
     def _block(self, key: Key, choice: _Choice) -> None:
         if self._done:
             return
-        # Everything fully before the stopped sentence goes out first.
-        self._release()
-        if self._done:
+        if self._cut is not None:
+            self._refuse()  # a second stopped sentence: end here
             return
-        passed = choice.unreleased[: max(0, choice.passed - choice.released)]
         self.blocked = True
+        self._cut = (key, choice)
+        # Events before the stopped sentence still go out once their own
+        # sentences (of other choices) have passed; then the refusal.
+        self._release()
+        self._stop_upstream()
+
+    def _refuse(self) -> None:
+        assert self._cut is not None
+        key, choice = self._cut
+        passed = choice.unreleased[: max(0, choice.passed - choice.released)]
         self._write(self._shape.refusal(key, passed, self._refusal_text))
         self._finish()
-        self._stop_upstream()
 
     def _finish(self) -> None:
         self._done = True

@@ -199,14 +199,8 @@ class ProxyResource(Resource):
                 if fields is not None:
                     await self._moderation.check_input(request.path, fields, key)
             response = await self._send(exchange, key, body)
-        except ProxyError as e:
+        except ProxyError as e:  # moderation's refusals included
             exchange.fail(e)
-            return
-        except Exception as e:
-            refused = _as_proxy_error(e)
-            if refused is None:
-                raise
-            exchange.fail(refused)
             return
         if response is None:
             return
@@ -310,11 +304,12 @@ class ProxyResource(Resource):
             request.setHeader(b"cache-control", b"no-cache")
             request.setHeader(b"x-accel-buffering", b"no")
             exchange.metrics.stream_started()
-        if plan is not None and response.code == 200 and plan.stream == sse:
-            if sse:
-                await self._relay_moderated_stream(exchange, response, plan, key)
-            else:
-                await self._relay_moderated_body(exchange, response, plan, key)
+        # What the upstream sent decides how it is moderated, not what the
+        # request asked for: a reply is never relayed unchecked by surprise.
+        if plan is not None and response.code == 200 and sse:
+            await self._relay_moderated_stream(exchange, response, plan, key)
+        elif plan is not None and response.code == 200 and b"json" in ctype:
+            await self._relay_moderated_body(exchange, response, plan, key)
         else:
             if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
                 request.setHeader(b"content-length", b"%d" % response.length)
@@ -431,14 +426,3 @@ _ERROR_KINDS = {
     errors.UPSTREAM_UNREACHABLE.code: "unreachable",
     errors.UPSTREAM_FAILED.code: "reset",
 }
-
-
-def _as_proxy_error(e: Exception) -> ProxyError | None:
-    # Moderation refuses requests with its own exception type; anything with
-    # the same shape becomes the same JSON error.
-    status, message, code = (getattr(e, a, None) for a in ("status", "message", "code"))
-    if isinstance(status, int) and isinstance(message, str) and isinstance(code, str):
-        return ProxyError(
-            status, message, code, getattr(e, "type", "invalid_request_error")
-        )
-    return None

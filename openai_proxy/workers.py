@@ -108,6 +108,27 @@ def is_worker() -> bool:
     return _inherited is not None
 
 
+def check_listen(listen: Sequence[str], workers: int) -> None:
+    """
+    Refuse listen descriptions that C{workers} processes cannot share: with
+    more than one worker, each must be a plain C{tcp:} or C{tcp6:} one.
+    Cheap and side-effect free, for an options parser to call early.
+
+    @raise ConfigError: naming the first description that cannot be shared.
+    """
+    if workers <= 1:
+        return
+    for description in listen:
+        # By its prefix: parsing an ssl: description would load its files.
+        kind = description.split(":", 1)[0].strip().lower()
+        if kind not in ("tcp", "tcp6"):
+            raise ConfigError(
+                SETTING,
+                "more than one worker can only share plain tcp: listen descriptions, "
+                f"not {description!r}; use --workers 1 for it",
+            )
+
+
 def listen_and_fork(
     listen: Sequence[str],
     site: IProtocolFactory,
@@ -142,24 +163,8 @@ def listen_and_fork(
         for description in listen:
             strports_service(description, site, reactor=reactor).setServiceParent(top)
         return top
-    tcp = []
-    for description in listen:
-        # Checked before parsing: parsing ssl: would already load its files.
-        kind = description.split(":", 1)[0].strip().lower()
-        endpoint = (
-            endpoints.serverFromString(reactor, description)
-            if kind in ("tcp", "tcp6")
-            else None
-        )
-        if not isinstance(
-            endpoint, endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint
-        ):
-            raise ConfigError(
-                SETTING,
-                f"more than one worker can only share plain tcp: listen descriptions, "
-                f"not {description!r}; use --workers 1 for it",
-            )
-        tcp.append(endpoint)
+    check_listen(listen, workers)
+    tcp = [endpoints.serverFromString(reactor, d) for d in listen]
     parent = getattr(options, "parent", None)
     spec = _Spec(
         service_maker=service_maker,

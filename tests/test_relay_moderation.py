@@ -176,6 +176,15 @@ class StreamModerationTests(ModeratedRelayTestCase):
         self.assertEqual(self.fake.received[-1].json(), {"stream": True, "model": "m"})
 
 
+class UnexpectedShapeTests(ModeratedRelayTestCase):
+    async def test_stream_sent_to_a_request_that_did_not_ask_is_still_moderated(
+        self,
+    ) -> None:
+        self.fake.script = Script(events=chat_stream(["A bomb."]))
+        response = await self.post_json("/v1/chat/completions", {"moderation": True})
+        self.assertEqual(chat_text(await response.content()), REFUSAL)
+
+
 class OutOfOrderTests(ModeratedRelayTestCase):
     tms_delays = {"slow": 0.3}
 

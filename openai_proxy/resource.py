@@ -121,7 +121,8 @@ def upstream_error(failure: Failure) -> ProxyError:
 class ProxyResource(Resource):
     """
     Forwards every request below it to an upstream chosen by key, relaying
-    the response as it arrives.  Answers C{OPTIONS} and C{/healthz} itself.
+    the response as it arrives.  Answers C{OPTIONS}, C{/healthz}, C{/readyz}
+    and (unless served elsewhere) C{/metrics} itself.
     """
 
     isLeaf = True

@@ -163,6 +163,12 @@ class ListenAndForkTests(unittest.TestCase):
         )
         self.assertIsInstance(svc, MultiService)
 
+    def test_check_listen(self) -> None:
+        workers.check_listen(["unix:/tmp/x.sock"], 1)
+        workers.check_listen(["tcp:80", "tcp6:81:interface=\\:\\:1"], 4)
+        with self.assertRaises(ConfigError):
+            workers.check_listen(["tcp:80", "systemd:domain=INET:index=0"], 2)
+
     def test_only_tcp_can_be_shared(self) -> None:
         for description in ("unix:/tmp/x.sock", "ssl:443"):
             with self.assertRaises(ConfigError) as caught:
@@ -281,3 +287,14 @@ class WorkersProcessTests(unittest.TestCase):
         await self.twistd.ended
         await self._until(lambda: not _alive(replacement), limit=5.0)
         self.assertIn(b"worker 1 started", bytes(self.twistd.output))
+
+    def test_children_stop_when_parent_dies(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._orphaned())
+
+    async def _orphaned(self) -> None:
+        await self._start()
+        [child] = _children(self.parent)
+        self.process.signalProcess("KILL")
+        await self.twistd.ended
+        # PR_SET_PDEATHSIG (and end-of-file on its settings pipe) stop it.
+        await self._until(lambda: not _alive(child), limit=5.0)

@@ -261,6 +261,17 @@ class BlockTests(TestCase):
         self.assertEqual(done, "[DONE]")
         self.assertNotIn(b"more!", h.output)
 
+    def test_later_passing_sentences_of_a_stopped_choice_stay_cut(self) -> None:
+        h = Harness()
+        first, blocked = chat(0, "fine!"), chat(1, "nasty! nice!")
+        h.feed(first, blocked)
+        h.check.answer("nasty!", stopped=True)
+        h.check.answer(" nice!")  # passes, but comes after the stopped one
+        h.check.answer("fine!")
+        self.assertNotIn(b"nasty", h.output)
+        self.assertNotIn(b"nice", h.output)
+        self.assertTrue(h.output.startswith(first))
+
     def test_blocked_tail_while_end_waits(self) -> None:
         h = Harness()
         h.feed(chat(content="tail") + chat(finish="stop") + DONE)

@@ -195,6 +195,8 @@ class StreamModerator:
     def _advance(self, key: Key, choice: _Choice) -> None:
         # Answers may come in any order; only a run of answered sentences
         # from the start moves the mark, so output never reorders.
+        if self._cut is not None and self._cut[1] is choice:
+            return  # the stopped choice never moves past its cut
         while choice.sentences and choice.sentences[0].stopped is not None:
             sentence = choice.sentences.popleft()
             if sentence.stopped:

@@ -46,6 +46,8 @@ class ProxyApp(Service):
         self.drain = DrainService(config.grace, reactor)
         moderated = config.moderation.backend is not None
         self.readiness = Readiness(*(["moderation"] if moderated else []))
+        if not moderated:
+            self.readiness.mark_ready()
         self.moderation = Moderation(
             config.moderation,
             reactor,

@@ -135,6 +135,54 @@ def parse_base_url(setting: str, raw: str) -> str:
     return url.rstrip("/")
 
 
+def parse_workers(raw: str | None) -> int:
+    """
+    Parse the C{--workers}/C{WORKERS} setting: a whole number ≥ 1, or
+    C{auto} for the number of CPUs this process may run on.  Unset or blank
+    means 1.
+
+    @raise ConfigError: for anything else.
+    """
+    if raw is None or raw.strip() == "":
+        return 1
+    value = raw.strip().lower()
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        count = int(value)
+    except ValueError:
+        raise ConfigError(
+            _WORKERS, f"expected a whole number or auto, got {raw!r}"
+        ) from None
+    if count < 1:
+        raise ConfigError(_WORKERS, f"must be at least 1, got {raw!r}")
+    return count
+
+
+def check_listen(listen: Sequence[str], workers: int) -> None:
+    """
+    Refuse listen descriptions that C{workers} processes cannot share: with
+    more than one worker, each must be a plain C{tcp:} or C{tcp6:} one.
+    Cheap and side-effect free, for an options parser to call early.
+
+    @raise ConfigError: naming the first description that cannot be shared.
+    """
+    if workers <= 1:
+        return
+    for description in listen:
+        # By its prefix: parsing an ssl: description would load its files.
+        kind = description.split(":", 1)[0].strip().lower()
+        if kind not in ("tcp", "tcp6"):
+            raise ConfigError(
+                _WORKERS,
+                "more than one worker can only share plain tcp: listen descriptions, "
+                f"not {description!r}; use --workers 1 for it",
+            )
+
+
+_WORKERS = "--workers/WORKERS"
+
+
 @dataclass(frozen=True)
 class Config:
     """
@@ -152,6 +200,7 @@ class Config:
     max_body: int = 52_428_800
     cors_origins: tuple[str, ...] = ("*",)
     open_proxy: bool = False
+    workers: int = 1
     grace: float = 30.0
     log_format: str = "text"
     log_bodies: bool = False
@@ -200,6 +249,7 @@ class Config:
             open_proxy=parse_bool(
                 "--open/OPEN_PROXY", source("open", "OPEN_PROXY"), False
             ),
+            workers=parse_workers(source("workers", "WORKERS")),
             grace=parse_positive("--grace/GRACE", source("grace", "GRACE"), cls.grace),
             log_format=parse_choice(
                 "--log-format/LOG_FORMAT",
@@ -214,6 +264,7 @@ class Config:
         )._checked()
 
     def _checked(self) -> Config:
+        check_listen(self.listen, self.workers)
         if self.openai_keys and not self.proxy_keys and not self.open_proxy:
             raise ConfigError(
                 "PROXY_KEY",

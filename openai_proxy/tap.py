@@ -6,12 +6,30 @@ from __future__ import annotations
 
 import os
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.python import usage
 
 from openai_proxy import logs
 from openai_proxy.config import Config, ConfigError
 from openai_proxy.moderation.config import MODERATION_OPTIONS
+
+#: (option, environment variable and default, doc) of the core settings.
+_CORE_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("upstream", "UPSTREAM, default https://api.openai.com", "Upstream base URL."),
+    ("proxy-key-file", "PROXY_KEY", "File of accepted proxy keys."),
+    ("openai-key-file", "OPENAI_KEY", "File of server-held upstream keys."),
+    ("timeout", "TIMEOUT, default 30000", "Upstream timeout in ms."),
+    ("max-body", "MAX_BODY, default 52428800", "Largest request body in bytes."),
+    (
+        "cors-origins",
+        "CORS_ORIGINS, default *",
+        "Allowed CORS origins, comma-separated.",
+    ),
+    ("workers", "WORKERS, default 1", "Processes serving the ports: a number or auto."),
+    ("grace", "GRACE, default 30", "Seconds to let requests finish on SIGTERM."),
+    ("log-format", "LOG_FORMAT, default text", "text, or json (NDJSON on stdout)."),
+    ("metrics-listen", "METRICS_LISTEN", "Serve /metrics here, not on the main port."),
+)
 
 
 class Options(usage.Options):
@@ -32,33 +50,9 @@ class Options(usage.Options):
         ],
     ]
     optParameters = [
-        [
-            "upstream",
-            None,
-            None,
-            "Upstream base URL. [UPSTREAM, default https://api.openai.com]",
-        ],
-        ["proxy-key-file", None, None, "File of accepted proxy keys. [PROXY_KEY]"],
-        [
-            "openai-key-file",
-            None,
-            None,
-            "File of server-held upstream keys. [OPENAI_KEY]",
-        ],
-        ["timeout", None, None, "Upstream timeout in ms. [TIMEOUT, default 30000]"],
-        [
-            "max-body",
-            None,
-            None,
-            "Largest request body in bytes. [MAX_BODY, default 52428800]",
-        ],
-        [
-            "cors-origins",
-            None,
-            None,
-            "Allowed CORS origins, comma-separated. [CORS_ORIGINS, *]",
-        ],
-    ] + [[name, None, None, f"{doc} [{env}]"] for name, env, doc in MODERATION_OPTIONS]
+        [name, None, None, f"{doc} [{env}]"]
+        for name, env, doc in _CORE_OPTIONS + MODERATION_OPTIONS
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,16 +86,18 @@ def makeService(options: Options) -> service.IService:
 
     from openai_proxy.app import ProxyApp
     from openai_proxy.metrics import make_metrics_service
+    from openai_proxy.workers import is_worker, listen_and_fork
 
     config: Config = options["config"]
     app = ProxyApp(config, reactor)
     top = service.MultiService()
-    app.setServiceParent(top)
     # The app first: services stop in reverse order, so the ports stop
     # accepting before the app drains the requests in flight.
-    for description in config.listen:
-        strports.service(description, app.site).setServiceParent(top)
-    if config.metrics_listen is not None:
+    app.setServiceParent(top)
+    listen_and_fork(
+        config.listen, app.site, config.workers, reactor, options
+    ).setServiceParent(top)
+    if config.metrics_listen is not None and not is_worker():
         make_metrics_service(
             config.metrics_listen, app.metrics.resource(config.metrics_key), reactor
         ).setServiceParent(top)

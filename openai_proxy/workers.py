@@ -41,8 +41,8 @@ from typing import Any, cast
 from twisted.application.service import IService, MultiService, Service
 from twisted.application.strports import service as strports_service
 from twisted.internet import endpoints
-from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
@@ -55,12 +55,11 @@ from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
-from openai_proxy.config import ConfigError
+from openai_proxy.config import check_listen
 
 _log = Logger()
 
 #: The setting's name in messages, as users write it.
-SETTING = "--workers/WORKERS"
 #: The child's command: nothing on the command line, everything on its stdin.
 CHILD_ARGV = ("-c", "from openai_proxy.workers import child_main; child_main()")
 #: The first inherited listening socket's descriptor in a child.
@@ -75,30 +74,6 @@ _PR_SET_PDEATHSIG = 1
 _inherited: tuple[tuple[int, int], ...] | None = None
 
 
-def parse_workers(raw: str | None) -> int:
-    """
-    Parse the C{--workers}/C{WORKERS} setting: a whole number ≥ 1, or
-    C{auto} for the number of CPUs this process may run on.  Unset or blank
-    means 1.
-
-    @raise ConfigError: for anything else.
-    """
-    if raw is None or raw.strip() == "":
-        return 1
-    value = raw.strip().lower()
-    if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
-    try:
-        count = int(value)
-    except ValueError:
-        raise ConfigError(
-            SETTING, f"expected a whole number or auto, got {raw!r}"
-        ) from None
-    if count < 1:
-        raise ConfigError(SETTING, f"must be at least 1, got {raw!r}")
-    return count
-
-
 def is_worker() -> bool:
     """
     True in a child process started by L{listen_and_fork}.  A C{makeService}
@@ -106,27 +81,6 @@ def is_worker() -> bool:
     port, say) must skip that when this is true: the main process has it.
     """
     return _inherited is not None
-
-
-def check_listen(listen: Sequence[str], workers: int) -> None:
-    """
-    Refuse listen descriptions that C{workers} processes cannot share: with
-    more than one worker, each must be a plain C{tcp:} or C{tcp6:} one.
-    Cheap and side-effect free, for an options parser to call early.
-
-    @raise ConfigError: naming the first description that cannot be shared.
-    """
-    if workers <= 1:
-        return
-    for description in listen:
-        # By its prefix: parsing an ssl: description would load its files.
-        kind = description.split(":", 1)[0].strip().lower()
-        if kind not in ("tcp", "tcp6"):
-            raise ConfigError(
-                SETTING,
-                "more than one worker can only share plain tcp: listen descriptions, "
-                f"not {description!r}; use --workers 1 for it",
-            )
 
 
 def listen_and_fork(
@@ -169,11 +123,19 @@ def listen_and_fork(
     spec = _Spec(
         service_maker=service_maker,
         options=dict(options),
-        logger=parent.get("logger") if parent is not None else None,
+        logger=_dotted(parent.get("logger")) if parent is not None else None,
         parent_pid=os.getpid(),
         families=(),
     )
     return WorkersService(tcp, site, workers - 1, reactor, spec, grace=grace)
+
+
+def _dotted(logger: object) -> str | None:
+    # twistd turns --logger into the factory itself by the time services are
+    # made; a child needs its name to import it again.
+    if logger is None or isinstance(logger, str):
+        return logger
+    return f"{getattr(logger, '__module__', '')}.{getattr(logger, '__qualname__', '')}"
 
 
 @dataclass(frozen=True)
@@ -197,6 +159,8 @@ class _AdoptedPorts(Service):
         self._site = site
         self._reactor = reactor
         self._ports: list[IListeningPort] = []
+        self._sockets: list[list[socket.socket]] = []
+        self._families: tuple[int, ...] = ()
 
     def startService(self) -> None:
         super().startService()
@@ -252,17 +216,33 @@ class WorkersService(Service):
     def privilegedStartService(self) -> None:
         # Bound here, like strports services: twistd may drop privileges next.
         super().privilegedStartService()
-        for endpoint in self._endpoints:
-            self._ports.append(_listen_now(endpoint, self._site))
+        # One SO_REUSEPORT socket per worker and description, so the kernel
+        # spreads new connections evenly.  (With a single shared socket,
+        # whichever process wakes first accepts a whole burst: 20 wrk
+        # connections all went to one process.)  The children's sockets stay
+        # open here, so a restarted child takes over its predecessor's
+        # queue and no connection waiting in it is lost.
+        mine = [_reuseport_socket(e) for e in self._endpoints]
+        # Port 0 means "any": the other workers bind the port the first got.
+        bound = [int(sock.getsockname()[1]) for sock in mine]
+        self._sockets = [
+            [
+                _reuseport_socket(e, p)
+                for e, p in zip(self._endpoints, bound, strict=True)
+            ]
+            for _ in range(self._children)
+        ]
+        self._families = tuple(int(sock.family) for sock in mine)
+        for sock in mine:
+            port = self._reactor.adoptStreamPort(sock.fileno(), sock.family, self._site)
+            self._ports.append(port)
+            sock.close()  # adoptStreamPort listens on a duplicate
 
     def startService(self) -> None:
         if not self._ports:
             self.privilegedStartService()
         super().startService()
-        families = tuple(
-            socket.AF_INET6 if isinstance(p.getHost(), IPv6Address) else socket.AF_INET
-            for p in self._ports
-        )
+        families = self._families
         self._payload = _frame(
             pickle.dumps(
                 _Spec(
@@ -280,8 +260,8 @@ class WorkersService(Service):
     def _spawn(self, index: int) -> None:
         self._restarts.pop(index, None)
         child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
-        for i, port in enumerate(self._ports):
-            child_fds[_FIRST_FD + i] = port.fileno()  # type: ignore[attr-defined]
+        for i, sock in enumerate(self._sockets[index]):
+            child_fds[_FIRST_FD + i] = sock.fileno()
         child = _Child(self, index, time.monotonic())
         self._reactor.spawnProcess(
             child,
@@ -330,13 +310,21 @@ class WorkersService(Service):
         for port in ports:
             port.stopListening()
         if not self._procs:
+            self._close_sockets()
             return succeed(None)
         self._stopped = Deferred()
+        self._stopped.addBoth(_then, self._close_sockets)
         for child in self._procs.values():
             child.signal("TERM")
         killer = self._reactor.callLater(self._grace, self._kill_all)
         self._stopped.addBoth(_cancel_then, killer)
         return self._stopped
+
+    def _close_sockets(self) -> None:
+        for socks in self._sockets:
+            for sock in socks:
+                sock.close()
+        self._sockets = []
 
     def _kill_all(self) -> None:
         for child in self._procs.values():
@@ -352,17 +340,31 @@ def _cancel_then(result: object, call: IDelayedCall) -> object:
     return result
 
 
-def _listen_now(endpoint: Any, site: IProtocolFactory) -> IListeningPort:
-    # TCP endpoints listen synchronously; an error (address in use) is
-    # raised here so twistd refuses to start, as with strports services.
-    outcome: list[Any] = []
-    endpoint.listen(site).addBoth(outcome.append)
-    if not outcome:
-        raise RuntimeError(f"{endpoint!r} did not listen synchronously")
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    port: IListeningPort = outcome[0]
-    return port
+def _then(result: object, call: Callable[[], None]) -> object:
+    call()
+    return result
+
+
+def _reuseport_socket(endpoint: Any, port: int | None = None) -> socket.socket:
+    """
+    A listening, non-blocking socket with SO_REUSEPORT for a TCP endpoint
+    (its port, or C{port}), as C{listenTCP} would make it otherwise.
+    """
+    # The endpoint classes keep their settings in private attributes; the
+    # description was parsed by Twisted, so they are the ones it would use.
+    v6 = isinstance(endpoint, endpoints.TCP6ServerEndpoint)
+    interface = endpoint._interface or ("::" if v6 else "0.0.0.0")
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, endpoint._port if port is None else port))
+        sock.listen(endpoint._backlog)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise CannotListenError(interface, endpoint._port, e) from e
+    return sock
 
 
 class _Child(ProcessProtocol):

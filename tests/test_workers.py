@@ -1,9 +1,8 @@
 """
 Tests for openai_proxy.workers: several processes serving one socket.
 
-The multi-process tests run a real twistd (``-y`` with a small .tac that
-uses L{make_service}, the plugin's makeService plus L{listen_and_fork}) as a
-child of the test, against a fake upstream served by the test's reactor.
+The multi-process tests run ``twistd -n openai-proxy`` with ``WORKERS=2`` as
+a child of the test, against a fake upstream served by the test's reactor.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import Application, IService, MultiService
+from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
@@ -27,45 +26,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from openai_proxy import workers
-from openai_proxy.config import ConfigError
+from openai_proxy.config import ConfigError, check_listen, parse_workers
 from tests.harness import client
 
 ROOT = Path(__file__).resolve().parent.parent
-_TAC = (
-    "from tests.test_workers import tac_application\napplication = tac_application()\n"
-)
-
-
-def make_service(options: Any) -> IService:
-    """openai_proxy.tap.makeService as it will be with the workers option."""
-    from openai_proxy.app import ProxyApp
-
-    config = options["config"]
-    app = ProxyApp(config, reactor)
-    top = MultiService()
-    app.setServiceParent(top)
-    workers.listen_and_fork(
-        config.listen,
-        app.site,
-        options["workers"],
-        reactor,
-        options,
-        service_maker="tests.test_workers.make_service",
-        grace=5.0,
-    ).setServiceParent(top)
-    return top
-
-
-def tac_application() -> Any:
-    """The .tac's application: settings from the environment, as twistd would."""
-    from openai_proxy.tap import Options
-
-    options = Options()
-    options.parseOptions([])
-    options["workers"] = workers.parse_workers(os.environ.get("WORKERS"))
-    application = Application("openai-proxy")
-    make_service(options).setServiceParent(application)
-    return application
 
 
 class _Upstream(Resource):
@@ -95,13 +59,14 @@ def _free_port() -> int:
         return port
 
 
-def _listening_inode(port: int) -> str | None:
+def _listening_inodes(port: int) -> set[str]:
     # /proc/net/tcp: local address is HEXIP:HEXPORT, state 0A is LISTEN.
+    found = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
-            return fields[9]
-    return None
+            found.add(fields[9])
+    return found
 
 
 def _socket_inodes(pid: int) -> set[str]:
@@ -142,17 +107,17 @@ def _children(pid: int) -> list[int]:
 
 class ParseWorkersTests(unittest.TestCase):
     def test_default_is_one(self) -> None:
-        self.assertEqual(workers.parse_workers(None), 1)
-        self.assertEqual(workers.parse_workers(" "), 1)
+        self.assertEqual(parse_workers(None), 1)
+        self.assertEqual(parse_workers(" "), 1)
 
     def test_number_and_auto(self) -> None:
-        self.assertEqual(workers.parse_workers("3"), 3)
-        self.assertEqual(workers.parse_workers("AUTO"), len(os.sched_getaffinity(0)))
+        self.assertEqual(parse_workers("3"), 3)
+        self.assertEqual(parse_workers("AUTO"), len(os.sched_getaffinity(0)))
 
     def test_bad_values(self) -> None:
         for raw in ("0", "-1", "two", "1.5"):
             with self.assertRaises(ConfigError) as caught:
-                workers.parse_workers(raw)
+                parse_workers(raw)
             self.assertEqual(caught.exception.setting, "--workers/WORKERS")
 
 
@@ -164,10 +129,10 @@ class ListenAndForkTests(unittest.TestCase):
         self.assertIsInstance(svc, MultiService)
 
     def test_check_listen(self) -> None:
-        workers.check_listen(["unix:/tmp/x.sock"], 1)
-        workers.check_listen(["tcp:80", "tcp6:81:interface=\\:\\:1"], 4)
+        check_listen(["unix:/tmp/x.sock"], 1)
+        check_listen(["tcp:80", "tcp6:81:interface=\\:\\:1"], 4)
         with self.assertRaises(ConfigError):
-            workers.check_listen(["tcp:80", "systemd:domain=INET:index=0"], 2)
+            check_listen(["tcp:80", "systemd:domain=INET:index=0"], 2)
 
     def test_only_tcp_can_be_shared(self) -> None:
         for description in ("unix:/tmp/x.sock", "ssl:443"):
@@ -187,8 +152,6 @@ class WorkersProcessTests(unittest.TestCase):
         upstream = reactor.listenTCP(0, Site(_Upstream()), interface="127.0.0.1")
         self.addCleanup(upstream.stopListening)
         self.port = _free_port()
-        tac = Path(self.mktemp() + ".tac").resolve()
-        tac.write_text(_TAC)
         env = dict(os.environ)
         env.update(
             PYTHONPATH=str(ROOT),
@@ -200,7 +163,7 @@ class WorkersProcessTests(unittest.TestCase):
         )
         self.twistd = _Twistd()
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-        argv += ["-n", "--pidfile=", "-y", str(tac)]
+        argv += ["-n", "--pidfile=", "openai-proxy"]
         self.process = reactor.spawnProcess(
             self.twistd, sys.executable, argv, env=env, path=str(ROOT)
         )
@@ -209,7 +172,7 @@ class WorkersProcessTests(unittest.TestCase):
         await self._until(lambda: len(_children(self.parent)) == 1 and self._serving())
 
     def _serving(self) -> bool:
-        return _listening_inode(self.port) is not None
+        return len(_listening_inodes(self.port)) == 2
 
     def _kill(self) -> Deferred[None] | None:
         for pid in _children(self.parent):
@@ -269,19 +232,22 @@ class WorkersProcessTests(unittest.TestCase):
     async def _scenario(self) -> None:
         await self._start()
         [child] = _children(self.parent)
-        inode = _listening_inode(self.port)
-        assert inode is not None
-        # The child adopted the very socket the parent bound.
-        await self._until(lambda: inode in _socket_inodes(child))
-        self.assertIn(inode, _socket_inodes(self.parent))
+        # Two SO_REUSEPORT sockets on the port, both bound by the parent;
+        # the child adopted one of them.
+        listening = _listening_inodes(self.port)
+        self.assertEqual(len(listening & _socket_inodes(self.parent)), 2)
+        await self._until(lambda: len(listening & _socket_inodes(child)) == 1)
+        [inode] = listening & _socket_inodes(child)
         await self._ok()
         self.assertEqual(await self._both_accept(), {self.parent, child})
 
         os.kill(child, signal.SIGKILL)
         await self._until(lambda: _children(self.parent) not in ([], [child]))
         [replacement] = _children(self.parent)
+        # It took over the same socket (and any connections queued on it).
         await self._until(lambda: inode in _socket_inodes(replacement))
         await self._ok()
+        self.assertEqual(await self._both_accept(), {self.parent, replacement})
 
         self.process.signalProcess("TERM")
         await self.twistd.ended

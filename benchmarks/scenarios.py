@@ -1,0 +1,244 @@
+"""
+The scenarios: each starts what it needs, measures, stops it, and returns
+a dict of figures (and C{"skipped"} with a reason when it cannot run).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks import probes, procs, streams
+from benchmarks.wrk import CHAT, CHAT_STREAM, run_wrk
+
+#: Events per streamed reply from the fake upstream, plus "data: [DONE]".
+EVENTS = 70
+
+
+@dataclass
+class Settings:
+    quick: bool
+    workers: int
+    streams: int
+
+    def seconds(self, full: float) -> float:
+        return max(1.0, full / 5) if self.quick else full
+
+
+class Harness:
+    """The fake upstream, shared by the scenarios; a fresh proxy for each."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.upstream, self.upstream_port = procs.start_upstream()
+
+    def proxy(self, **env: str) -> procs.Proxy:
+        return procs.start_proxy(self.upstream_port, self.settings.workers, **env)
+
+    def close(self) -> None:
+        procs.stop(self.upstream)
+
+
+def _throughput(h: Harness, body: bytes, units_per_reply: int) -> dict[str, Any]:
+    seconds = h.settings.seconds(10)
+    direct = run_wrk(h.upstream_port, body, 20, seconds)
+    proxy = h.proxy()
+    try:
+        run_wrk(proxy.port, body, 20, 1)  # warm-up: pool filled, code paths hot
+        up_cpu0 = procs.cpu_seconds(h.upstream.pid)
+        cpu0 = proxy.cpu()
+        through = run_wrk(proxy.port, body, 20, seconds)
+        cpu = proxy.cpu() - cpu0
+        through["upstream_cpu_s"] = round(
+            procs.cpu_seconds(h.upstream.pid) - up_cpu0, 2
+        )
+    finally:
+        procs.stop(proxy.proc)
+    through["proxy_cpu_s"] = round(cpu, 2)
+    through["proxy_cpu_share"] = round(cpu / through["seconds"], 3)
+    done = max(1, through["requests"])
+    through["proxy_cpu_us_per_request"] = round(cpu / done * 1e6, 1)
+    if units_per_reply > 1:
+        through["proxy_cpu_us_per_event"] = round(
+            cpu / (done * units_per_reply) * 1e6, 2
+        )
+    return {
+        "workers": h.settings.workers,
+        "connections": 20,
+        "direct": direct,
+        "proxy": through,
+    }
+
+
+def non_stream(h: Harness) -> dict[str, Any]:
+    """~1 KB replies, 20 connections: rate and latency direct vs. through the proxy."""
+    return _throughput(h, CHAT, 1)
+
+
+def stream(h: Harness) -> dict[str, Any]:
+    """70-event SSE replies as fast as the fake sends them, 20 connections."""
+    return _throughput(h, CHAT_STREAM, EVENTS + 1)
+
+
+def added_latency(h: Harness) -> dict[str, Any]:
+    """Concurrency 1, alternating direct and proxied requests on keep-alive connections."""
+    count = 300 if h.settings.quick else 3000
+    raw = probes.request_bytes(CHAT)
+    proxy = h.proxy()
+    direct_conn = probes.Connection(h.upstream_port)
+    proxy_conn = probes.Connection(proxy.port)
+    try:
+        for _ in range(100):  # warm-up
+            direct_conn.exchange(raw)
+            proxy_conn.exchange(raw)
+        direct, through, added = [], [], []
+        cpu0 = proxy.cpu()
+        for _ in range(count):
+            d = direct_conn.exchange(raw).seconds
+            p = proxy_conn.exchange(raw).seconds
+            direct.append(d)
+            through.append(p)
+            added.append(p - d)
+        cpu = proxy.cpu() - cpu0
+    finally:
+        direct_conn.close()
+        proxy_conn.close()
+        procs.stop(proxy.proc)
+    d_pct, p_pct = probes.percentiles(direct), probes.percentiles(through)
+    return {
+        "requests": count,
+        "direct_ms": d_pct,
+        "proxy_ms": p_pct,
+        "added_ms": {k: round(p_pct[k] - d_pct[k], 4) for k in ("p50", "p90", "p99")},
+        "paired_difference_ms": probes.percentiles(added),
+        "proxy_cpu_us_per_request": round(cpu / count * 1e6, 1),
+    }
+
+
+def relay_delay(h: Harness) -> dict[str, Any]:
+    """Each event's arrival minus the upstream's send stamp; events 5 ms apart."""
+    count = 4 if h.settings.quick else 30
+    raw = probes.request_bytes(CHAT_STREAM, events=EVENTS, interval_ms=5)
+    proxy = h.proxy()
+    try:
+        result: dict[str, Any] = {"streams": count, "events_per_stream": EVENTS}
+        for name, port in (("direct", h.upstream_port), ("proxy", proxy.port)):
+            conn = probes.Connection(port)
+            conn.exchange(raw)  # warm-up
+            delays: list[float] = []
+            cpu0 = proxy.cpu()
+            for _ in range(count):
+                delays += conn.exchange(raw).delays
+            cpu = proxy.cpu() - cpu0
+            conn.close()
+            result[f"{name}_ms"] = probes.percentiles(delays)
+            if name == "proxy":
+                result["proxy_cpu_us_per_event"] = round(
+                    cpu / max(1, len(delays)) * 1e6, 2
+                )
+    finally:
+        procs.stop(proxy.proc)
+    return result
+
+
+def many_open_streams(h: Harness) -> dict[str, Any]:
+    """N streams open at once, one event every 500 ms each."""
+    count = h.settings.streams
+    events = 10 if h.settings.quick else 20 + count // 250
+    limit = procs.raise_nofile(3 * count + 1000)
+    # The proxy holds two descriptors per stream, spread over its workers.
+    needed = 2 * count // h.settings.workers + 200
+    if limit < needed:
+        return {
+            "skipped": f"RLIMIT_NOFILE is {limit} (hard limit); {count} streams need "
+            f"~{needed} per proxy process: use fewer streams or --workers 2"
+        }
+    proxy = h.proxy()
+    try:
+        _touch(proxy.port)
+        result = streams.many_streams(proxy, count, events, 500)
+    finally:
+        procs.stop(proxy.proc)
+    result["nofile_limit"] = limit
+    return result
+
+
+def _touch(port: int) -> None:
+    # One request through, so lazily built state is not counted per stream.
+    conn = probes.Connection(port)
+    conn.exchange(probes.request_bytes(CHAT_STREAM, events=3, interval_ms=1))
+    conn.exchange(probes.request_bytes(CHAT))
+    conn.close()
+
+
+def moderated_stream(h: Harness) -> dict[str, Any]:
+    """Time to first token and total, MODERATION=always with a 20 ms fake TMS."""
+    count = 3 if h.settings.quick else 20
+    raw = probes.request_bytes(CHAT_STREAM, events=EVENTS, interval_ms=5)
+    tms, tms_port = procs.start_upstream(tms_delay=0.02)
+    result: dict[str, Any] = {
+        "streams": count,
+        "tms_delay_ms": 20,
+        "event_interval_ms": 5,
+    }
+    try:
+        for name, env in (
+            ("unmoderated", {"MODERATION": "off"}),
+            (
+                "moderated",
+                {
+                    "MODERATION": "always",
+                    "MODERATION_BACKEND": "tencent",
+                    "TENCENT_CLOUD_ENDPOINT": f"http://127.0.0.1:{tms_port}",
+                    "TENCENT_CLOUD_SID": "AKIDbenchbenchbench",
+                    "TENCENT_CLOUD_SKEY": "bench-secret-key",
+                },
+            ),
+        ):
+            proxy = h.proxy(**env)
+            try:
+                conn = probes.Connection(proxy.port)
+                conn.exchange(raw)  # warm-up
+                replies = [conn.exchange(raw) for _ in range(count)]
+                conn.close()
+            finally:
+                procs.stop(proxy.proc)
+            result[name] = {
+                "status": sorted({r.status for r in replies}),
+                "ttft_ms": probes.percentiles([r.first_event or 0.0 for r in replies]),
+                "total_ms": probes.percentiles([r.seconds for r in replies]),
+                "events": sorted({r.events for r in replies}),
+            }
+        calls = _stats(tms_port)["tms"]
+    finally:
+        procs.stop(tms)
+    result["tms_calls"] = calls
+    if calls == 0:
+        result["skipped"] = (
+            "moderation is not integrated into the proxy yet: with MODERATION=always "
+            "the fake TMS received no call (openai_proxy/app.py passes moderation=None)"
+        )
+    return result
+
+
+def _stats(port: int) -> dict[str, int]:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"GET /__stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.05)
+        data = s.recv(65536)
+    stats: dict[str, int] = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    return stats
+
+
+SCENARIOS: dict[str, Callable[[Harness], dict[str, Any]]] = {
+    "non-stream": non_stream,
+    "stream": stream,
+    "added-latency": added_latency,
+    "relay-delay": relay_delay,
+    "many-streams": many_open_streams,
+    "moderated-stream": moderated_stream,
+}

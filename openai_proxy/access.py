@@ -24,14 +24,23 @@ def log_request(
     request body) is logged only when given, which C{LOG_BODIES=1} asks for.
     """
     extra = {} if body is None else {"request_body": body}
+    method_text = method.decode("ascii", "replace")
+    path_text = path.decode("ascii", "replace")
+    duration_ms = round(duration * 1000.0, 3)
+    upstream = upstream or "-"
+    # The line is formatted here, once: a log format with one field costs
+    # the observers far less than one with six.  The fields stay in the
+    # event for JSON output.
     _log.info(
-        "{method} {path} {status} {bytes_out}B {duration_ms:.1f}ms upstream={upstream}",
-        method=method.decode("ascii", "replace"),
-        path=path.decode("ascii", "replace"),
+        "{line}",
+        line=f"{method_text} {path_text} {status} {bytes_out}B "
+        f"{duration_ms:.1f}ms upstream={upstream}",
+        method=method_text,
+        path=path_text,
         status=status,
         bytes_out=bytes_out,
-        duration_ms=duration * 1000.0,
-        upstream=upstream or "-",
+        duration_ms=duration_ms,
+        upstream=upstream,
         request_id=request_id,
         **extra,
     )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from openai_proxy.config import Config, ConfigError
 from openai_proxy.tap import Options
+from tests.harness import TWISTD
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,9 +101,7 @@ class TwistdStartTests(TestCase):
         env.pop("PROXY_KEY", None)
         run = subprocess.run(
             [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
+                *TWISTD,
                 "-n",
                 "--pidfile=",
                 "openai-proxy",

@@ -41,15 +41,22 @@ from openai_proxy.app import ProxyApp
 from openai_proxy.tap import Options, makeService
 from tests.fake_tms import FakeTMS
 from tests.fake_upstream import FakeOpenAI, Script, chat_stream
-from tests.harness import Proxy, client
+from tests.harness import (
+    AUTH,
+    JSON,
+    KEY,
+    REFUSAL,
+    TMS_ID,
+    TMS_SECRET,
+    TWISTD,
+    ModeratedRelayTestCase,
+    Proxy,
+    RelayTestCase,
+    client,
+)
 
 REPO = Path(openai_proxy.__file__).resolve().parents[1]
 
-UPSTREAM_KEY = "sk-test-upstream-0123456789"
-AUTH = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
-JSON = {"Content-Type": "application/json"}
-SID, SKEY = "AKIDopsfakeid", "ops-fake-secret-key"
-REFUSAL = "REFUSED."
 
 #: Samples by series, written as C{name{label="value",...}} (labels sorted).
 Samples = dict[str, float]
@@ -250,16 +257,8 @@ def next_moderation_call(test: TestCase, app: ProxyApp) -> Deferred[str]:
 # -- metrics after real traffic ---------------------------------------------
 
 
-class _ProxyTest(TestCase):
-    """A fake upstream and an in-process proxy in front of it."""
-
-    env: dict[str, str] = {}
-
-    def setUp(self) -> None:
-        self.fake = FakeOpenAI()
-        self.upstream = self.fake.start(self)
-        self.proxy = Proxy(self, {"UPSTREAM": self.upstream, **self.env})
-        self.http = client(self)
+class _ProxyTest(RelayTestCase):
+    """A fake upstream and an in-process proxy in front of it, scraped."""
 
     async def scrape(self, proxy: Proxy | None = None) -> Samples:
         """Fetch and parse C{GET /metrics} from the proxy's main port."""
@@ -267,15 +266,6 @@ class _ProxyTest(TestCase):
         response = await self.http.get(proxy.url + "/metrics")
         self.assertEqual(response.code, 200)
         return parse_samples((await response.content()).decode("utf-8"))
-
-    async def post_json(
-        self, proxy: Proxy, path: str, payload: Any, **headers: str
-    ) -> Any:
-        return await self.http.post(
-            proxy.url + path,
-            json.dumps(payload).encode(),
-            headers={**AUTH, **JSON, **headers},
-        )
 
 
 class MetricsAfterTrafficTests(_ProxyTest):
@@ -321,9 +311,7 @@ class MetricsAfterTrafficTests(_ProxyTest):
             status=429, headers={b"retry-after": [b"2"]}, body=error
         )
         before = await self.scrape()
-        response = await self.post_json(
-            self.proxy, "/v1/chat/completions", {"model": "m"}
-        )
+        response = await self.post_json("/v1/chat/completions", {"model": "m"})
         self.assertEqual((response.code, await response.content()), (429, error))
         after = await self.scrape()
         self.assertMoved(
@@ -344,7 +332,7 @@ class MetricsAfterTrafficTests(_ProxyTest):
             post(
                 "/v1/chat/completions",
                 b'{"stream": true}',
-                f"Authorization: Bearer {UPSTREAM_KEY}",
+                f"Authorization: Bearer {KEY}",
                 "Content-Type: application/json",
             )
         )
@@ -388,9 +376,7 @@ class MetricsAfterTrafficTests(_ProxyTest):
     async def test_header_timeout_counted_as_timeout(self) -> None:
         self.fake.script = Script(stall=True)
         before = await self.scrape()
-        response = await self.post_json(
-            self.proxy, "/v1/chat/completions", {"model": "m"}
-        )
+        response = await self.post_json("/v1/chat/completions", {"model": "m"})
         self.assertEqual(response.code, 504)
         error = json.loads(await response.content())["error"]
         self.assertEqual(error["code"], "upstream_timeout")
@@ -407,9 +393,7 @@ class MetricsAfterTrafficTests(_ProxyTest):
     async def test_silent_stream_counted_as_timeout(self) -> None:
         self.fake.script = Script(events=chat_stream(["a", "b"]), stall_after=2)
         before = await self.scrape()
-        response = await self.post_json(
-            self.proxy, "/v1/chat/completions", {"stream": True}
-        )
+        response = await self.post_json("/v1/chat/completions", {"stream": True})
         body = await response.content()
         self.assertIn(b"event: error\ndata: ", body)
         self.assertIn(b"upstream_timeout", body)
@@ -430,9 +414,7 @@ class MetricsAfterTrafficTests(_ProxyTest):
             events=chat_stream(["a", "b"]), interval=0.01, hang_up_after=2
         )
         before = await self.scrape()
-        response = await self.post_json(
-            self.proxy, "/v1/chat/completions", {"stream": True}
-        )
+        response = await self.post_json("/v1/chat/completions", {"stream": True})
         body = await response.content()
         self.assertIn(b"event: error\ndata: ", body)
         self.assertIn(b"upstream_error", body)
@@ -441,19 +423,10 @@ class MetricsAfterTrafficTests(_ProxyTest):
         self.assertEqual(after[STREAMS], 0)
 
 
-class ModerationMetricsTests(_ProxyTest):
+class ModerationMetricsTests(ModeratedRelayTestCase, _ProxyTest):
     """The tencent backend (the real SDK) against a fake TMS."""
 
     def setUp(self) -> None:
-        self.tms = FakeTMS(SID, SKEY, block_words=["bomb"])
-        self.tms.start()
-        self.addCleanup(self.tms.stop)
-        self.env = {
-            "TENCENT_CLOUD_SID": SID,
-            "TENCENT_CLOUD_SKEY": SKEY,
-            "TENCENT_CLOUD_ENDPOINT": self.tms.url,
-            "REFUSAL_TEXT": REFUSAL,
-        }
         super().setUp()
         self.ready = when_ready(self, self.proxy.app)
 
@@ -467,7 +440,7 @@ class ModerationMetricsTests(_ProxyTest):
         )
         before = await self.scrape()
         response = await self.post_json(
-            self.proxy, "/v1/chat/completions", {"stream": True, "moderation": True}
+            "/v1/chat/completions", {"stream": True, "moderation": True}
         )
         body = await response.content()
         self.assertEqual(response.code, 200)
@@ -600,7 +573,7 @@ class ReadinessTests(_ProxyTest):
 
 class ModerationReadinessTests(_ProxyTest):
     def start_tms(self, **options: Any) -> FakeTMS:
-        tms = FakeTMS(SID, SKEY, **options)
+        tms = FakeTMS(TMS_ID, TMS_SECRET, **options)
         tms.start()
         self.addCleanup(tms.stop)
         return tms
@@ -610,8 +583,8 @@ class ModerationReadinessTests(_ProxyTest):
             self,
             {
                 "UPSTREAM": self.upstream,
-                "TENCENT_CLOUD_SID": SID,
-                "TENCENT_CLOUD_SKEY": SKEY,
+                "TENCENT_CLOUD_SID": TMS_ID,
+                "TENCENT_CLOUD_SKEY": TMS_SECRET,
                 "TENCENT_CLOUD_ENDPOINT": endpoint,
             },
         )
@@ -716,9 +689,7 @@ async def start_twistd(test: TestCase, env: dict[str, str]) -> tuple[Twistd, int
     """Start the proxy in a child process on a free port; return it and the port."""
     proto = Twistd()
     args = [
-        sys.executable,
-        "-c",
-        "from twisted.scripts.twistd import run; run()",
+        *TWISTD,
         "-n",
         "--pidfile=",
         "openai-proxy",

@@ -17,52 +17,22 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.fake_upstream import AUDIO, FILE_CONTENT, FakeOpenAI, Script, chat_stream
-from tests.harness import Proxy, client
+from tests.harness import (
+    AUTH,
+    JSON,
+    KEY,
+    Proxy,
+    RelayTestCase,
+    client,
+    closed_port_url,
+)
 from tests.rawhttp import connect, raw_request
-
-KEY = "sk-test-upstream-0123456789"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-JSON = {"Content-Type": "application/json"}
-
-
-async def closed_port_url() -> str:
-    """The URL of a loopback port on which nothing listens any more."""
-    from twisted.internet.protocol import Factory
-
-    port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
-    number = port.getHost().port
-    await port.stopListening()
-    return f"http://127.0.0.1:{number}"
 
 
 def _error(body: bytes) -> dict[str, Any]:
     err = json.loads(body)["error"]
     assert set(err) >= {"message", "type", "code"}, err
     return err  # type: ignore[no-any-return]
-
-
-class RelayTestCase(TestCase):
-    """Starts a fake upstream and a proxy in front of it for each test."""
-
-    env: dict[str, str] = {}
-
-    def setUp(self) -> None:
-        self.fake = FakeOpenAI()
-        self.upstream = self.fake.start(self)
-        self.proxy = Proxy(self, {"UPSTREAM": self.upstream, **self.env})
-        self.http = client(self)
-
-    def url(self, path: str) -> str:
-        return self.proxy.url + path
-
-    async def post_json(
-        self, path: str, payload: Any, headers: dict[str, str] | None = None
-    ) -> Any:
-        return await self.http.post(
-            self.url(path),
-            json.dumps(payload).encode(),
-            headers={**AUTH, **JSON, **(headers or {})},
-        )
 
 
 class ForwardingTests(RelayTestCase):

@@ -20,11 +20,22 @@ from tests.fake_upstream import (
     chat_stream,
     sse_events,
 )
-from tests.harness import Proxy, client
-from tests.test_relay import AUTH, JSON, RelayTestCase, closed_port_url
-
-SID, SKEY = "AKIDfakeid", "fake-secret-key"
-REFUSAL = "REFUSED."
+from tests.harness import (
+    AUTH,
+    JSON,
+    REFUSAL,
+    ModeratedRelayTestCase,
+    Proxy,
+    RelayTestCase,
+    client,
+    closed_port_url,
+)
+from tests.harness import (
+    TMS_ID as SID,
+)
+from tests.harness import (
+    TMS_SECRET as SKEY,
+)
 
 
 def data_objects(body: bytes) -> list[Any]:
@@ -47,31 +58,7 @@ def chat_text(body: bytes) -> str:
     )
 
 
-class ModeratedRelayTestCase(RelayTestCase):
-    """A proxy with the tencent backend, pointed at a fake TMS."""
-
-    moderation_env: dict[str, str] = {}
-    tms_delays: dict[str, float] = {}
-
-    def setUp(self) -> None:
-        self.tms = FakeTMS(
-            SID,
-            SKEY,
-            block_words=["bomb", "炸弹"],
-            review_words=["gossip"],
-            delays=self.tms_delays,
-        )
-        self.tms.start()
-        self.addCleanup(self.tms.stop)
-        self.env = {
-            "TENCENT_CLOUD_SID": SID,
-            "TENCENT_CLOUD_SKEY": SKEY,
-            "TENCENT_CLOUD_ENDPOINT": self.tms.url,
-            "REFUSAL_TEXT": REFUSAL,
-            **self.moderation_env,
-        }
-        super().setUp()
-
+class _ModeratedTestCase(ModeratedRelayTestCase):
     def texts_checked(self) -> list[str | None]:
         return [c.text for c in self.tms.calls if c.text != "ping"]
 
@@ -85,7 +72,7 @@ class ModeratedRelayTestCase(RelayTestCase):
         return body
 
 
-class StreamModerationTests(ModeratedRelayTestCase):
+class StreamModerationTests(_ModeratedTestCase):
     async def test_passing_stream_is_byte_identical_to_upstream(self) -> None:
         pieces = ["你好，", "世界。", " Hello", " world. ", "How are", " you?"]
         body = await self.stream(pieces)
@@ -178,7 +165,7 @@ class StreamModerationTests(ModeratedRelayTestCase):
         self.assertEqual(self.fake.received[-1].json(), {"stream": True, "model": "m"})
 
 
-class UnexpectedShapeTests(ModeratedRelayTestCase):
+class UnexpectedShapeTests(_ModeratedTestCase):
     async def test_stream_sent_to_a_request_that_did_not_ask_is_still_moderated(
         self,
     ) -> None:
@@ -187,7 +174,7 @@ class UnexpectedShapeTests(ModeratedRelayTestCase):
         self.assertEqual(chat_text(await response.content()), REFUSAL)
 
 
-class OutOfOrderTests(ModeratedRelayTestCase):
+class OutOfOrderTests(_ModeratedTestCase):
     tms_delays = {"slow": 0.3}
 
     async def test_late_verdicts_never_reorder_the_output(self) -> None:
@@ -196,7 +183,7 @@ class OutOfOrderTests(ModeratedRelayTestCase):
         self.assertEqual(body, b"".join(chat_stream(pieces)))
 
 
-class AlwaysTests(ModeratedRelayTestCase):
+class AlwaysTests(_ModeratedTestCase):
     moderation_env = {"MODERATION": "always", "MODERATION_LEVEL": "high"}
 
     async def test_always_overrides_a_request_that_says_no(self) -> None:
@@ -208,7 +195,7 @@ class AlwaysTests(ModeratedRelayTestCase):
         self.assertEqual(chat_text(body), REFUSAL)
 
 
-class BodyModerationTests(ModeratedRelayTestCase):
+class BodyModerationTests(_ModeratedTestCase):
     async def test_chat_completion_blocked_choice_is_replaced(self) -> None:
         self.fake.script = Script(
             body=json.dumps(chat_completion("Make a bomb.")).encode()
@@ -260,7 +247,7 @@ class BodyModerationTests(ModeratedRelayTestCase):
         self.assertEqual(payload["output"][0]["content"][0]["text"], REFUSAL)
 
 
-class InputModerationTests(ModeratedRelayTestCase):
+class InputModerationTests(_ModeratedTestCase):
     moderation_env = {"MODERATE_INPUT": "on"}
 
     async def test_blocked_input_is_400_and_nothing_goes_upstream(self) -> None:
@@ -343,7 +330,7 @@ class NoBackendTests(RelayTestCase):
         self.assertEqual(self.fake.received, [])
 
 
-class SDKModerationTests(ModeratedRelayTestCase):
+class SDKModerationTests(_ModeratedTestCase):
     async def test_sdk_sees_refusal_and_content_filter(self) -> None:
         self.fake.script = Script(
             events=chat_stream(["Safe start. ", "Then a bomb.", " Never seen."]),

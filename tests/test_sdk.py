@@ -14,7 +14,7 @@ import openai
 from twisted.internet.threads import deferToThread
 
 from tests.fake_upstream import AUDIO, Script, chat_stream
-from tests.test_relay import RelayTestCase
+from tests.harness import RelayTestCase
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ from twisted.web.server import Site
 
 from openai_proxy import workers
 from openai_proxy.config import ConfigError, check_listen, parse_workers
-from tests.harness import client
+from tests.harness import TWISTD, client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,8 +162,7 @@ class WorkersProcessTests(unittest.TestCase):
             OPENAI_KEY="",
         )
         self.twistd = _Twistd()
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-        argv += ["-n", "--pidfile=", "openai-proxy"]
+        argv = [*TWISTD, "-n", "--pidfile=", "openai-proxy"]
         self.process = reactor.spawnProcess(
             self.twistd, sys.executable, argv, env=env, path=str(ROOT)
         )

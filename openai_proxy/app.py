@@ -44,9 +44,13 @@ class ProxyApp(Service):
         self.client = make_client(reactor, self.pool)
         self.metrics = Metrics()
         self.drain = DrainService(config.grace, reactor)
-        moderated = config.moderation.backend is not None
-        self.readiness = Readiness(*(["moderation"] if moderated else []))
-        if not moderated:
+        # The openai backend can only be probed with a server-held key: with
+        # clients' own keys there is nothing to try before a request comes.
+        probed = config.moderation.backend is not None and not (
+            config.moderation.backend == "openai" and not config.openai_keys
+        )
+        self.readiness = Readiness(*(["moderation"] if probed else []))
+        if not probed:
             self.readiness.mark_ready()
         self.moderation = Moderation(
             config.moderation,

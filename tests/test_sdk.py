@@ -14,7 +14,7 @@ import openai
 from twisted.internet.threads import deferToThread
 
 from tests.fake_upstream import AUDIO, Script, chat_stream
-from tests.harness import RelayTestCase
+from tests.harness import Proxy, RelayTestCase
 
 T = TypeVar("T")
 
@@ -80,6 +80,22 @@ class SDKTests(RelayTestCase):
         self.assertIn(payload, self.fake.received[-1].body)
         deleted = await self.in_thread(lambda: sdk.files.delete("file-fake"))
         self.assertTrue(deleted.deleted)
+
+    async def test_upload_over_the_limit_raises_413_in_the_sdk(self) -> None:
+        proxy = Proxy(self, {"UPSTREAM": self.upstream, "MAX_BODY": "100000"})
+        sdk = openai.OpenAI(
+            base_url=proxy.url + "/v1", api_key="sk-user", max_retries=0, timeout=10
+        )
+        self.addCleanup(sdk.close)
+        payload = os.urandom(300 * 1024)
+        with self.assertRaises(openai.APIStatusError) as e:
+            await self.in_thread(
+                lambda: sdk.files.create(
+                    file=("a.jsonl", io.BytesIO(payload)), purpose="batch"
+                )
+            )
+        self.assertEqual(e.exception.status_code, 413)
+        self.assertEqual(self.fake.received, [])
 
     async def test_speech_bytes_identical(self) -> None:
         sdk = self.sdk()

@@ -7,12 +7,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from http.cookiejar import CookieJar
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import treq.client
 from treq.cookies import IndexableCookieJar
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+
+
+_DOT_SEGMENTS = frozenset({b".", b".."})
 
 
 class _NoCookies(IndexableCookieJar):
@@ -60,10 +63,17 @@ class Upstreams:
         """
         The upstream URL for a request target.  C{target} must start with
         C{/}: appended to a base URL it can then only name a path on that
-        base's host.
+        base's host.  Nor may its path hold a C{.} or C{..} segment (plain or
+        percent-encoded), which could climb out of the base URL's path prefix.
+
+        @raise ValueError: for a target that breaks either rule.
         """
         if not target.startswith(b"/"):
             raise ValueError("request target must start with /")
+        path = target.split(b"?", 1)[0]
+        suspect = b"." in path or b"%2e" in path.lower()
+        if suspect and _DOT_SEGMENTS & set(unquote_to_bytes(path).split(b"/")):
+            raise ValueError("request target must not hold dot segments")
         return base + target
 
     @staticmethod

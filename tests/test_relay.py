@@ -355,6 +355,16 @@ class ErrorTests(RelayTestCase):
         )
         self.assertEqual(self.fake.received, [])
 
+    async def test_dot_segments_are_400_and_never_fetched(self) -> None:
+        for target in [b"/v1/../admin", b"/v1/%2e%2e/admin"]:
+            raw = await raw_request(
+                self.proxy.port.getHost().port,
+                b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer k\r\nConnection: close\r\n\r\n",
+            )
+            self.assertTrue(raw.startswith(b"HTTP/1.1 400 "), raw)
+        self.assertEqual(self.fake.received, [])
+
     async def test_passthrough_of_upstream_errors_with_stream_true(self) -> None:
         for status in (401, 429, 500):
             body = json.dumps(

@@ -14,7 +14,6 @@ from treq.cookies import IndexableCookieJar
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-
 _DOT_SEGMENTS = frozenset({b".", b".."})
 
 

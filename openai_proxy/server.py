@@ -11,6 +11,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from openai_proxy import errors
+from openai_proxy.access import log_request
 
 
 class ProxyRequest(Request):
@@ -99,4 +100,16 @@ class ProxySite(Site):
         pass
 
     def refused(self, request: ProxyRequest) -> None:
-        """Called when a request is refused as too large (a hook for logs)."""
+        """Log a request refused as too large: it never reaches the resource."""
+        # Only the channel knows the request line yet (requestReceived, which
+        # sets request.method and .uri, comes after the body).
+        channel = request.channel
+        target = getattr(channel, "_path", b"-")
+        log_request(
+            method=getattr(channel, "_command", b"-"),
+            path=target.split(b"?", 1)[0],
+            status=413,
+            bytes_out=0,
+            duration=0.0,
+            upstream=None,
+        )

@@ -527,6 +527,20 @@ class BodyLimitTests(RelayTestCase):
         )
         self.assertEqual(self.fake.received, [])
 
+    async def test_refused_body_gets_an_access_line(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        await raw_request(
+            self.proxy.port.getHost().port,
+            b"POST /v1/files?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+            b"Expect: 100-continue\r\n\r\n",
+        )
+        [line] = [e for e in events if e.get("log_namespace") == "openai_proxy.access"]
+        self.assertEqual(
+            (line["method"], line["path"], line["status"]), ("POST", "/v1/files", 413)
+        )
+
     async def test_chunked_oversized_body_is_413(self) -> None:
         chunk = b"x" * 600
         raw = await raw_request(

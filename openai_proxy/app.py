@@ -105,7 +105,7 @@ class ProxyApp(Service):
             self._probe.stop()
         # In-flight streams may still need moderation: drain first.
         await self.drain.stopService()
-        self.moderation.stopService()
+        await self.moderation.stopService()
         await self.pool.closeCachedConnections()
 
     def _moderation_call(self, backend: str, result: str, seconds: float) -> None:

@@ -73,8 +73,9 @@ class ManualBackend:
     def start(self) -> None:
         self.started = True
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         self.stopped = True
+        return succeed(None)
 
 
 class FixedBackend:
@@ -102,8 +103,8 @@ class FixedBackend:
     def start(self) -> None:
         pass
 
-    def stop(self) -> None:
-        pass
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
 
 
 def event(payload: Any, kind: str | None = None) -> bytes:

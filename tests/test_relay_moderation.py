@@ -355,3 +355,30 @@ class SDKModerationTests(_ModeratedTestCase):
         text, finishes = await deferToThread(run)
         self.assertEqual(text, "Safe start. " + REFUSAL)
         self.assertEqual([f for f in finishes if f], ["content_filter"])
+
+    async def test_sdk_sees_a_blocked_responses_stream_end_incomplete(self) -> None:
+        from tests.test_moderation_stream import responses_stream
+
+        self.fake.script = Script(
+            events=responses_stream("Safe start. ", "Then a bomb.", " Never seen."),
+            interval=0.001,
+        )
+        sdk = openai.OpenAI(base_url=self.url("/v1"), api_key="sk-user", max_retries=0)
+        self.addCleanup(sdk.close)
+
+        def run() -> tuple[str, list[str], Any]:
+            stream = sdk.responses.create(
+                model="m", input="hi", stream=True, extra_body={"moderation": True}
+            )
+            text, types, last = "", [], None
+            for event in stream:
+                types.append(event.type)
+                if event.type == "response.output_text.delta":
+                    text += event.delta
+                last = event
+            return text, types, last
+
+        text, types, last = await deferToThread(run)
+        self.assertEqual(text, "Safe start. " + REFUSAL)
+        self.assertEqual(types[-1], "response.incomplete")
+        self.assertEqual(last.response.incomplete_details.reason, "content_filter")

@@ -80,22 +80,23 @@ class Moderation(Service):
             self._started = True
             self._checker.backend.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
         """Cancel the calls still waiting (they count as C{on_error}), then
-        stop the backend (joins its threads)."""
+        stop the backend; fires once its threads have ended."""
         self.running = False
         if self._checker is not None and self._started:
             self._started = False
             self._checker.cancel_all()
-            self._checker.backend.stop()
+            return self._checker.backend.stop()
+        return succeed(None)
 
     def start(self) -> None:
         """Same as C{startService}."""
         self.startService()
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """Same as C{stopService}."""
-        self.stopService()
+        return self.stopService()
 
     def plan(self, path: bytes, body: dict[str, Any] | None) -> Plan | None:
         """

@@ -34,5 +34,8 @@ class Backend(Protocol):
     def start(self) -> None:
         """Acquire what L{check} needs (threads); called once, before use."""
 
-    def stop(self) -> None:
-        """Release what L{start} acquired; no L{check} is called after."""
+    def stop(self) -> Deferred[None]:
+        """
+        Release what L{start} acquired; no L{check} is called after.  Fires
+        once released, without blocking the reactor meanwhile.
+        """

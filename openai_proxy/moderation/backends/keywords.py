@@ -37,5 +37,6 @@ class KeywordsBackend:
     def start(self) -> None:
         """Nothing to acquire."""
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """Nothing to release."""
+        return succeed(None)

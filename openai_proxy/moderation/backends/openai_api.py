@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from openai_proxy.moderation.backends import BackendError
 from openai_proxy.moderation.policy import Verdict
@@ -31,8 +31,9 @@ class OpenAIBackend:
     def start(self) -> None:
         """Nothing to acquire: the caller owns the HTTP client."""
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """Nothing to release."""
+        return succeed(None)
 
     def check(self, text: str, upstream_key: str) -> Deferred[Verdict]:
         """Errbacks on a network error, a non-200 answer or a bad body."""

@@ -64,10 +64,14 @@ class TencentBackend:
         """Start the thread pool."""
         self._pool.start()
 
-    def stop(self) -> None:
-        """Stop the thread pool (waits for calls in progress, bounded by the
-        SDK's request timeout)."""
-        self._pool.stop()
+    def stop(self) -> Deferred[None]:
+        """
+        Stop the thread pool: fires once the calls in progress have ended
+        (bounded by the SDK's request timeout).  The joining happens in the
+        reactor's own thread pool, so the reactor keeps serving meanwhile.
+        """
+        reactor: Any = self._reactor
+        return deferToThreadPool(reactor, reactor.getThreadPool(), self._pool.stop)
 
     def check(self, text: str, upstream_key: str) -> Deferred[Verdict]:
         """Moderate C{text} in a pool thread; errback on any SDK error."""

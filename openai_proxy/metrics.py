@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from twisted.application.service import Service
 from twisted.application.strports import service as strports_service
 from twisted.internet.interfaces import IProtocolFactory, IReactorCore
@@ -154,6 +156,28 @@ class RequestHandle:
             m._hangups.inc()
 
 
+_shared_directory: str | None = None
+
+
+def share_between_processes(directory: str) -> None:
+    """
+    Keep every series in files under C{directory}, shared by all the worker
+    processes of one daemon, so that a scrape served by any of them reports
+    the sum over all.  Call it in each process before making L{Metrics};
+    children inherit the setting through the environment.
+    """
+    global _shared_directory
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()
+    _shared_directory = directory
+
+
+def forget_process(pid: int) -> None:
+    """A worker process ended: drop its share of the gauges (its counts stay)."""
+    if _shared_directory is not None:
+        mark_process_dead(pid, _shared_directory)
+
+
 class Metrics:
     """
     The proxy's Prometheus series, in a registry of their own.
@@ -191,15 +215,18 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=registry,
         )
+        # "livesum": with several worker processes, the sum over the live ones.
         self._active_requests = Gauge(
             "openai_proxy_active_requests",
             "Client requests in flight.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self._active_streams = Gauge(
             "openai_proxy_active_streams",
             "Streamed (SSE) responses in flight.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         bytes_in = Counter(
             "openai_proxy_received_bytes",
@@ -329,10 +356,18 @@ class Metrics:
 
         # It is untyped: a lambda building a WSGIResource (served in the
         # reactor's thread pool).
-        inner = cast(IResource, MetricsResource(self.registry))
+        inner = cast(IResource, MetricsResource(self._served_registry()))
         if key is None:
             return inner
         return cast(IResource, _BearerProtected(inner, key))
+
+    def _served_registry(self) -> CollectorRegistry:
+        if _shared_directory is None:
+            return self.registry
+        # Every worker's series, merged from their files at each scrape.
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=_shared_directory)
+        return merged
 
     def _requests_child(self, method: str, family: str, status: str) -> Any:
         key = (method, family, status)

@@ -5,6 +5,9 @@ The C{twistd openai-proxy} command: options, and the service they make.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from typing import Any
 
 from twisted.application import service
 from twisted.python import usage
@@ -84,21 +87,43 @@ def makeService(options: Options) -> service.IService:
     """Make the proxy's service from parsed options."""
     from twisted.internet import reactor
 
+    from openai_proxy import metrics
     from openai_proxy.app import ProxyApp
-    from openai_proxy.metrics import make_metrics_service
     from openai_proxy.workers import is_worker, listen_and_fork
 
     config: Config = options["config"]
+    if config.workers > 1:
+        _share_metrics(reactor)
     app = ProxyApp(config, reactor)
     top = service.MultiService()
     # The app first: services stop in reverse order, so the ports stop
     # accepting before the app drains the requests in flight.
     app.setServiceParent(top)
     listen_and_fork(
-        config.listen, app.site, config.workers, reactor, options
+        config.listen,
+        app.site,
+        config.workers,
+        reactor,
+        options,
+        on_child_exit=metrics.forget_process,
     ).setServiceParent(top)
     if config.metrics_listen is not None and not is_worker():
-        make_metrics_service(
+        metrics.make_metrics_service(
             config.metrics_listen, app.metrics.resource(config.metrics_key), reactor
         ).setServiceParent(top)
     return top
+
+
+def _share_metrics(reactor: Any) -> None:
+    # Several worker processes: their series go to files in one directory,
+    # made by the main process and inherited by the children through the
+    # environment, so that a scrape served by any of them reports the sum.
+    from openai_proxy import metrics
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="openai-proxy-metrics-")
+        reactor.addSystemEventTrigger(
+            "after", "shutdown", shutil.rmtree, directory, ignore_errors=True
+        )
+    metrics.share_between_processes(directory)

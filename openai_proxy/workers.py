@@ -92,6 +92,7 @@ def listen_and_fork(
     *,
     service_maker: str = "openai_proxy.tap.makeService",
     grace: float = 60.0,
+    on_child_exit: Callable[[int], None] | None = None,
 ) -> IService:
     """
     Return the service that serves C{site} on every description in
@@ -127,7 +128,9 @@ def listen_and_fork(
         parent_pid=os.getpid(),
         families=(),
     )
-    return WorkersService(tcp, site, workers - 1, reactor, spec, grace=grace)
+    return WorkersService(
+        tcp, site, workers - 1, reactor, spec, grace=grace, on_child_exit=on_child_exit
+    )
 
 
 def _dotted(logger: object) -> str | None:
@@ -195,8 +198,10 @@ class WorkersService(Service):
         spec: _Spec,
         *,
         grace: float = 60.0,
+        on_child_exit: Callable[[int], None] | None = None,
     ) -> None:
         self._endpoints = tuple(endpoints)
+        self._on_child_exit = on_child_exit
         self._site = site
         self._children = children
         self._reactor = reactor
@@ -278,6 +283,8 @@ class WorkersService(Service):
     def _ended(self, child: _Child, reason: Failure) -> None:
         if self._procs.get(child.index) is child:
             del self._procs[child.index]
+        if self._on_child_exit is not None and child.pid is not None:
+            self._on_child_exit(child.pid)
         if self._stopped is not None:
             if not self._procs:
                 self._stopped.callback(None)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -225,6 +226,22 @@ class WorkersProcessTests(unittest.TestCase):
             self.assertEqual(response.code, 200)
             self.assertIn(b"chat.completion", await response.content())
 
+    async def _scraped_chat_requests(self) -> list[float]:
+        totals = []
+        for _ in range(6):
+            response = await client(self).get(f"http://127.0.0.1:{self.port}/metrics")
+            text = (await response.content()).decode()
+            totals.append(
+                sum(
+                    sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                    if sample.name == "openai_proxy_requests_total"
+                    and sample.labels.get("route") == "chat"
+                )
+            )
+        return totals
+
     def test_two_processes_share_restart_and_stop(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._scenario())
 
@@ -247,6 +264,9 @@ class WorkersProcessTests(unittest.TestCase):
         await self._until(lambda: inode in _socket_inodes(replacement))
         await self._ok()
         self.assertEqual(await self._both_accept(), {self.parent, replacement})
+        # Every scrape, whichever process answers it, counts all ten
+        # requests: the killed child's five included.
+        self.assertEqual(await self._scraped_chat_requests(), [10] * 6)
 
         self.process.signalProcess("TERM")
         await self.twistd.ended

@@ -81,6 +81,21 @@ class Options(usage.Options):
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         logs.use_log_format(self, self["config"].log_format)
+        _no_pid_file_in_the_foreground(self)
+
+
+def _no_pid_file_in_the_foreground(options: usage.Options) -> None:
+    # twistd writes twistd.pid by default.  In the foreground (containers,
+    # supervisors) nothing needs it, and a stale one stops the next start
+    # (in a container it often holds PID 1, which is always alive).  An
+    # explicit --pidfile still wins.
+    parent = getattr(options, "parent", None)
+    if (
+        parent is not None
+        and parent.get("nodaemon")
+        and parent.get("pidfile") == "twistd.pid"
+    ):
+        parent["pidfile"] = ""
 
 
 def makeService(options: Options) -> service.IService:

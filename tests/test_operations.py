@@ -685,19 +685,26 @@ class Twistd(ProcessProtocol):
         return self.out.decode("utf-8").splitlines()
 
 
-async def start_twistd(test: TestCase, env: dict[str, str]) -> tuple[Twistd, int]:
+async def start_twistd(
+    test: TestCase,
+    env: dict[str, str],
+    *,
+    twistd_options: tuple[str, ...] = ("--pidfile=",),
+    workdir: str | None = None,
+) -> tuple[Twistd, int]:
     """Start the proxy in a child process on a free port; return it and the port."""
     proto = Twistd()
     args = [
         *TWISTD,
         "-n",
-        "--pidfile=",
+        *twistd_options,
         "openai-proxy",
         "--listen",
         "tcp:0:interface=127.0.0.1",
     ]
-    workdir = test.mktemp()
-    os.makedirs(workdir)
+    if workdir is None:
+        workdir = test.mktemp()
+        os.makedirs(workdir)
     full_env = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", ""), **env}
     reactor.spawnProcess(proto, sys.executable, args, env=full_env, path=workdir)
 
@@ -710,6 +717,20 @@ async def start_twistd(test: TestCase, env: dict[str, str]) -> tuple[Twistd, int
     test.addCleanup(stop)
     match = await proto.logged(rb"ProxySite starting on (\d+)")
     return proto, int(match.group(1))
+
+
+class ForegroundTests(TestCase):
+    async def test_foreground_run_writes_no_pid_file_so_two_start_side_by_side(
+        self,
+    ) -> None:
+        # A stale twistd.pid (say, holding 1 in a container) would stop the
+        # next start; in the foreground the proxy needs none.
+        workdir = self.mktemp()
+        os.makedirs(workdir)
+        env = {"UPSTREAM": "http://127.0.0.1:9"}
+        await start_twistd(self, env, twistd_options=(), workdir=workdir)
+        await start_twistd(self, env, twistd_options=(), workdir=workdir)
+        self.assertFalse(os.path.exists(os.path.join(workdir, "twistd.pid")))
 
 
 class JSONLogTests(TestCase):

@@ -254,6 +254,8 @@ class ProxyResource(Resource):
         self, exchange: _Exchange, key: str, body: IBodyProducer | None
     ) -> IResponse | None:
         request = exchange.request
+        if exchange.gone:
+            return None  # left while its input was being moderated
         base = self._upstreams.base_for(key)
         exchange.upstream_host = self._upstreams.host_of(base)
         headers = Headers()

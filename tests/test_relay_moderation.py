@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 import openai
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from openai_proxy.sse import SSEParser
@@ -36,6 +38,7 @@ from tests.harness import (
 from tests.harness import (
     TMS_SECRET as SKEY,
 )
+from tests.rawhttp import connect
 
 
 def data_objects(body: bytes) -> list[Any]:
@@ -258,6 +261,25 @@ class InputModerationTests(_ModeratedTestCase):
         self.assertEqual(response.code, 400)
         error = json.loads(await response.content())["error"]
         self.assertEqual(error["code"], "content_filter")
+        self.assertEqual(self.fake.received, [])
+
+    async def test_client_leaving_during_input_moderation_sends_nothing_upstream(
+        self,
+    ) -> None:
+        self.tms.delays["slowly"] = 0.3
+        proto = await connect(self.proxy.port.getHost().port)
+        body = b'{"messages": [{"role": "user", "content": "judge me slowly"}]}'
+        assert proto.transport is not None
+        proto.transport.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % len(body)
+            + body
+        )
+        while "judge me slowly" not in self.texts_checked():
+            await deferLater(reactor, 0.01)
+        proto.transport.abortConnection()
+        await deferLater(reactor, 0.5)  # past the verdict: nothing may follow it
         self.assertEqual(self.fake.received, [])
 
     async def test_clean_input_goes_upstream(self) -> None:

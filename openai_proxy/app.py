@@ -11,7 +11,6 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from openai_proxy import logs
 from openai_proxy.config import Config
@@ -22,7 +21,6 @@ from openai_proxy.resource import ProxyResource
 from openai_proxy.server import ProxySite
 from openai_proxy.upstream import make_client, make_pool
 
-_log = Logger()
 _PROBE_INTERVAL = 5.0  # seconds between attempts to reach the moderation backend
 
 
@@ -39,7 +37,6 @@ class ProxyApp(Service):
 
     def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
-        self._reactor = reactor
         self.pool = make_pool(reactor)
         self.client = make_client(reactor, self.pool)
         self.metrics = Metrics()

@@ -72,7 +72,6 @@ ABSOLUTE_URI = ProxyError(
     "The request target must be a path starting with '/'.",
     "invalid_request_target",
 )
-BAD_BODY = ProxyError(400, "The request body is not valid JSON.", "invalid_json")
 UPSTREAM_UNREACHABLE = ProxyError(
     502, "The upstream API could not be reached.", "upstream_unreachable", "api_error"
 )

@@ -450,7 +450,8 @@ class ModerationMetricsTests(ModeratedRelayTestCase, _ProxyTest):
         after = await self.scrape()
 
         checked = [c.answer for c in self.tms.calls if c.text != "ping"]
-        self.assertEqual(checked, ["Pass", "Pass", "Block"])
+        # Checks run in parallel threads: they reach the fake in any order.
+        self.assertEqual(sorted(checked), ["Block", "Pass", "Pass"])
         self.assertEqual(
             moved(
                 before,

@@ -4,6 +4,7 @@ The upstream side: where a request goes, and the HTTP client that takes it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from http.cookiejar import CookieJar
 from typing import Any
@@ -15,6 +16,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 _DOT_SEGMENTS = frozenset({b".", b".."})
+# RFC 3986: no whitespace, control or non-ASCII bytes, and a request target
+# carries no fragment.
+_NOT_IN_TARGETS = re.compile(rb"[\x00-\x20\x7f-\xff#]")
 
 
 class _NoCookies(IndexableCookieJar):
@@ -63,12 +67,15 @@ class Upstreams:
         The upstream URL for a request target.  C{target} must start with
         C{/}: appended to a base URL it can then only name a path on that
         base's host.  Nor may its path hold a C{.} or C{..} segment (plain or
-        percent-encoded), which could climb out of the base URL's path prefix.
+        percent-encoded), which could climb out of the base URL's path prefix,
+        nor may it hold spaces, control or non-ASCII bytes, or a fragment.
 
         @raise ValueError: for a target that breaks either rule.
         """
         if not target.startswith(b"/"):
             raise ValueError("request target must start with /")
+        if _NOT_IN_TARGETS.search(target):
+            raise ValueError("request target holds a byte no URL may hold")
         path = target.split(b"?", 1)[0]
         suspect = b"." in path or b"%2e" in path.lower()
         if suspect and _DOT_SEGMENTS & set(unquote_to_bytes(path).split(b"/")):

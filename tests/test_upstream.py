@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from hyperlink import EncodedURL
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
@@ -30,6 +30,10 @@ class URLTests(TestCase):
             b"/v1/%2e%2e/admin",
             b"/v1/%2E%2e",
             b"/..",
+            b"/v1/models#fragment",
+            b"/v1/a b",
+            b"/v1/\x00",
+            b"/v1/caf\xc3\xa9",
         ]:
             with self.assertRaises(ValueError, msg=target):
                 Upstreams.url(BASE, target)
@@ -37,9 +41,13 @@ class URLTests(TestCase):
     def test_dots_inside_names_are_fine(self) -> None:
         self.assertTrue(Upstreams.url(BASE, b"/v1/files/a..b.jsonl?x=../y"))
 
+    @settings(max_examples=500)
     @given(
         st.one_of(
-            st.binary(max_size=200), st.binary(max_size=200).map(lambda b: b"/" + b)
+            st.binary(max_size=200),
+            st.binary(max_size=200).map(lambda b: b"/" + b),
+            # The characters that matter to URL parsers, densely.
+            st.text("/.%2eE?#@:\\ab", max_size=40).map(lambda t: b"/" + t.encode()),
         )
     )
     def test_any_accepted_target_stays_on_the_base_host_and_prefix(

@@ -50,9 +50,6 @@ class Upstreams:
         self._routes = sorted(
             ((p, u.encode("ascii")) for p, u in routes), key=lambda r: -len(r[0])
         )
-        self.hosts = frozenset(
-            urlsplit(u).netloc for u in [default, *(u for _, u in routes)]
-        )
 
     def base_for(self, upstream_key: str) -> bytes:
         """The base URL (no trailing slash) a request sent with this key goes to."""

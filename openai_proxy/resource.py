@@ -33,6 +33,7 @@ from openai_proxy.logs import new_request_id
 from openai_proxy.metrics import Metrics, RequestHandle, route_family
 from openai_proxy.moderation import Moderation, Plan, StreamModerator
 from openai_proxy.relay import BodyRelay, BytesProducer, UpstreamTimeout
+from openai_proxy.sse import format_event
 from openai_proxy.upstream import Upstreams
 
 _log = Logger()
@@ -355,7 +356,7 @@ class ProxyResource(Resource):
         elif sse:
             # The SDKs raise an APIError on an "error" event: the reader
             # learns that the answer is cut short, not just that it ended.
-            exchange.write(b"event: error\ndata: " + error.body() + b"\n\n")
+            exchange.write(format_event(error.body().decode("utf-8"), "error"))
         else:
             # Mid-body, only a closed connection says "incomplete".
             exchange.abort()

@@ -836,7 +836,7 @@ class JSONLogTests(TestCase):
             self.assertGreaterEqual(set(e), {"bytes_out", "duration_ms", "log_text"})
         self.assertTrue(
             any(
-                e.get("log_namespace") == "openai_proxy.resource"
+                e.get("log_namespace") == "openai_proxy.forward"
                 and "failed" in e.get("log_text", "")
                 for e in events
             ),

@@ -180,6 +180,10 @@ class RedisStore:
             conn, self._conn = self._conn, None
             await conn.disconnect()
 
+    async def ready(self) -> None:
+        """Wait until Redis answers (a lazy connection queues until then)."""
+        await self._conn.ping()
+
     def is_up(self) -> bool:
         """Whether a connection to Redis is open."""
         return self._conn is not None and self._conn._factory.size > 0

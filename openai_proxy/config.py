@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 from urllib.parse import urlsplit
 
+from openai_proxy.keys import KeysFileError, NamedKey, read_keys_file
 from openai_proxy.moderation.config import ModerationConfig
 
 #: C{source(option, env)} returns the raw value that wins for a setting
@@ -207,6 +209,13 @@ class Config:
     metrics_listen: str | None = None
     metrics_key: str | None = field(default=None, repr=False)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    keys_file: str | None = None
+    named_keys: tuple[NamedKey, ...] = field(default=(), repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+    inject_usage: bool = True
+    key_cooldown: float = 600.0
+    redis_url: str | None = field(default=None, repr=False)
+    limits_on_error: str = "allow"
 
     @classmethod
     def load(
@@ -261,11 +270,17 @@ class Config:
             metrics_listen=source("metrics-listen", "METRICS_LISTEN") or None,
             metrics_key=source("", "METRICS_KEY") or None,
             moderation=ModerationConfig.load(source),
+            **_key_settings(source),
         )._checked()
 
     def _checked(self) -> Config:
         check_listen(self.listen, self.workers)
-        if self.openai_keys and not self.proxy_keys and not self.open_proxy:
+        if (
+            self.openai_keys
+            and not self.proxy_keys
+            and self.keys_file is None
+            and not self.open_proxy
+        ):
             raise ConfigError(
                 "PROXY_KEY",
                 "OPENAI_KEY is set but PROXY_KEY is not, so anyone who can reach "
@@ -323,3 +338,51 @@ def _keys(source: Source, file_option: str, env_name: str) -> tuple[str, ...]:
                 env_name, "a key contains whitespace or control characters"
             )
     return keys
+
+
+class _KeySettings(TypedDict):
+    keys_file: str | None
+    named_keys: tuple[NamedKey, ...]
+    admin_key: str | None
+    inject_usage: bool
+    key_cooldown: float
+    redis_url: str | None
+    limits_on_error: str
+
+
+def _key_settings(source: Source) -> _KeySettings:
+    # Named keys, their limits and usage, and server-key failover.
+    keys_file = source("keys-file", "KEYS_FILE") or None
+    named: tuple[NamedKey, ...] = ()
+    if keys_file is not None:
+        try:
+            named = read_keys_file(keys_file)
+        except KeysFileError as e:
+            raise ConfigError("--keys-file/KEYS_FILE", str(e)) from None
+    redis_url = source("", "REDIS_URL") or None
+    if redis_url is not None and urlsplit(redis_url).scheme not in (
+        "redis",
+        "rediss",
+        "unix",
+    ):
+        raise ConfigError("REDIS_URL", "expected a redis://, rediss:// or unix:// URL")
+    return {
+        "keys_file": keys_file,
+        "named_keys": named,
+        "admin_key": source("", "ADMIN_KEY") or None,
+        "inject_usage": parse_bool(
+            "--inject-usage/INJECT_USAGE", source("inject-usage", "INJECT_USAGE"), True
+        ),
+        "key_cooldown": parse_positive(
+            "--key-cooldown/KEY_COOLDOWN",
+            source("key-cooldown", "KEY_COOLDOWN"),
+            Config.key_cooldown,
+        ),
+        "redis_url": redis_url,
+        "limits_on_error": parse_choice(
+            "--limits-on-error/LIMITS_ON_ERROR",
+            source("limits-on-error", "LIMITS_ON_ERROR"),
+            ("allow", "deny"),
+            "allow",
+        ),
+    }

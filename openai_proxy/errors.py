@@ -16,12 +16,16 @@ JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
 @dataclass(frozen=True)
 class ProxyError(Exception):
-    """An error answered by the proxy rather than relayed from the upstream."""
+    """
+    An error answered by the proxy rather than relayed from the upstream;
+    C{headers} are set on the response too (e.g. C{retry-after}).
+    """
 
     status: int
     message: str
     code: str
     type: str = "invalid_request_error"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def body(self) -> bytes:
         """The OpenAI-style JSON body for this error."""
@@ -45,6 +49,8 @@ def write_error(request: Request, error: ProxyError) -> None:
     request.responseHeaders.setRawHeaders(b"content-type", [JSON_CONTENT_TYPE])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
     request.responseHeaders.removeHeader(b"content-encoding")
+    for name, value in error.headers:
+        request.responseHeaders.setRawHeaders(name, [value])
     if request.method != b"HEAD":
         request.write(body)
     request.finish()

@@ -32,6 +32,18 @@ _CORE_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("grace", "GRACE, default 30", "Seconds to let requests finish on SIGTERM."),
     ("log-format", "LOG_FORMAT, default text", "text, or json (NDJSON on stdout)."),
     ("metrics-listen", "METRICS_LISTEN", "Serve /metrics here, not on the main port."),
+    ("keys-file", "KEYS_FILE", "TOML file of named proxy keys with limits."),
+    (
+        "inject-usage",
+        "INJECT_USAGE, default 1",
+        "Ask upstream for stream usage (hidden from the client).",
+    ),
+    ("key-cooldown", "KEY_COOLDOWN, default 600", "Seconds a failed server key rests."),
+    (
+        "limits-on-error",
+        "LIMITS_ON_ERROR, default allow",
+        "allow or deny when Redis is down.",
+    ),
 )
 
 

@@ -5,6 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from openai_proxy.settings import (
+    ConfigError,
+    parse_bool,
+    parse_choice,
+    parse_positive,
+    read_secret_file,
+)
+
 DEFAULT_REFUSAL = "这个话题不适合讨论，换个话题吧。"
 
 #: (option, env, doc) for each moderation setting, for L{openai_proxy.tap.Options}.
@@ -46,14 +54,6 @@ class ModerationConfig:
     @classmethod
     def load(cls, source: Callable[[str, str], str | None]) -> ModerationConfig:
         """Parse the moderation settings; raise C{ConfigError} naming a bad one."""
-        from openai_proxy.config import (
-            ConfigError,
-            parse_bool,
-            parse_choice,
-            parse_positive,
-            read_secret_file,
-        )
-
         sid = source("", "TENCENT_CLOUD_SID") or None
         skey = source("", "TENCENT_CLOUD_SKEY") or None
         backend_raw = source("moderation-backend", "MODERATION_BACKEND")

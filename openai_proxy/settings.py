@@ -15,8 +15,10 @@ from urllib.parse import urlsplit
 #: (the option's, else the environment's), or L{None} when neither is set.
 Source = Callable[[str, str], "str | None"]
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+#: The words (lower case) a yes/no setting or request field may say yes with.
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+#: ... and no with.
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 
 
 class ConfigError(Exception):
@@ -52,9 +54,9 @@ def parse_bool(setting: str, raw: str | None, default: bool) -> bool:
     if raw is None:
         return default
     lowered = raw.strip().lower()
-    if lowered in _TRUE:
+    if lowered in TRUE_WORDS:
         return True
-    if lowered in _FALSE:
+    if lowered in FALSE_WORDS:
         return False
     raise ConfigError(
         setting, f"expected 1/0, true/false, yes/no or on/off, got {raw!r}"

@@ -185,20 +185,31 @@ def _listen(options: Sequence[str], port: str | None) -> tuple[str, ...]:
     return (port,)
 
 
+#: What C{ROUTES} or C{--route} say to turn routing off, besides C{ROUTES=}.
+_NO_ROUTES = "none"
+
+
 def _routes(options: Sequence[str], env: str | None) -> tuple[tuple[str, str], ...]:
+    # Entries add to the default routes (replacing one with the same prefix):
+    # a user adding a route must not lose the api2d one without a word.  Only
+    # an explicitly empty setting turns routing off.
     if options:
         items, setting = tuple(options), "--route"
     elif env is not None:
         items, setting = split_list(env), "ROUTES"
     else:
         return Config.routes
-    routes = []
+    if not items or [i.lower() for i in items] == [_NO_ROUTES]:
+        return ()
+    routes = dict(Config.routes)
     for item in items:
         prefix, sep, url = item.partition("=")
         if not sep or not prefix.strip():
-            raise ConfigError(setting, f"expected PREFIX=URL, got {item!r}")
-        routes.append((prefix.strip(), parse_base_url(setting, url)))
-    return tuple(routes)
+            raise ConfigError(
+                setting, f"expected PREFIX=URL (or {_NO_ROUTES}), got {item!r}"
+            )
+        routes[prefix.strip()] = parse_base_url(setting, url)
+    return tuple(routes.items())
 
 
 def _keys(source: Source, file_option: str, env_name: str) -> tuple[str, ...]:

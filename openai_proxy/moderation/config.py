@@ -56,6 +56,17 @@ class ModerationConfig:
         """Parse the moderation settings; raise C{ConfigError} naming a bad one."""
         sid = source("", "TENCENT_CLOUD_SID") or None
         skey = source("", "TENCENT_CLOUD_SKEY") or None
+        # One without the other is a typo, not a choice: starting without
+        # the moderation it was meant to enable would be silent.
+        for given, missing, value in (
+            ("TENCENT_CLOUD_SID", "TENCENT_CLOUD_SKEY", skey),
+            ("TENCENT_CLOUD_SKEY", "TENCENT_CLOUD_SID", sid),
+        ):
+            if (sid or skey) and not value:
+                raise ConfigError(
+                    missing,
+                    f"{given} is set but {missing} is not; set both, or neither",
+                )
         backend_raw = source("moderation-backend", "MODERATION_BACKEND")
         default_backend = "tencent" if sid and skey else ""
         backend = (

@@ -108,9 +108,7 @@ class Options(usage.Options):
 
     def opt_version(self) -> None:
         """Print this proxy's version and exit."""
-        from twisted import __version__ as twisted_version
-
-        print(f"openai-proxy {package_version()} (Twisted {twisted_version})")
+        print(f"openai-proxy {package_version()}")
         raise SystemExit(0)
 
     def getUsage(self, width: int | None = None) -> str:

@@ -117,10 +117,7 @@ class CommandLineTests(TestCase):
     def test_version_is_the_packages_own(self) -> None:
         run = self.run_twistd("openai-proxy", "--version")
         self.assertEqual(run.returncode, 0, run.stderr)
-        self.assertTrue(
-            run.stdout.startswith(f"openai-proxy {version('openai-proxy')} "),
-            run.stdout,
-        )
+        self.assertEqual(run.stdout, f"openai-proxy {version('openai-proxy')}\n")
 
     def assert_one_line_error(
         self, run: subprocess.CompletedProcess[str], *expected: str

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -60,6 +59,24 @@ ENVIRONMENT_ONLY: tuple[tuple[str, str, str], ...] = (
 )
 
 
+class BadSettings(SystemExit):
+    """
+    A bad setting or option: ends the process with status 1 and, on stderr,
+    one line naming it and a pointer to C{--help}, instead of twistd's whole
+    usage text followed by the error.
+
+    @ivar message: the line naming the setting.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        # A string exit code is what Python prints to stderr on its way out.
+        super().__init__(
+            f"twistd openai-proxy: {message}\n"
+            "(twistd openai-proxy --help lists the settings)"
+        )
+
+
 def _doc(doc: str, env: str, default: str) -> str:
     return f"{doc} [{env}, default {default}]"
 
@@ -70,8 +87,7 @@ class Options(usage.Options):
     option given here wins over it.  Keys are read from the environment or
     from files, never from the command line.
 
-    A bad setting or option ends the process with status 2 and one line
-    naming it on stderr, without the usage text.
+    A bad setting or option raises L{BadSettings}.
     """
 
     synopsis = "[options]"
@@ -124,11 +140,7 @@ class Options(usage.Options):
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
-            sys.stderr.write(
-                f"twistd openai-proxy: {e}\n"
-                "(twistd openai-proxy --help lists the settings)\n"
-            )
-            raise SystemExit(2) from None
+            raise BadSettings(str(e)) from None
 
     def postOptions(self) -> None:
         options = {k: v for k, v in self.items() if k not in ("listen", "route")}

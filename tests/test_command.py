@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openai_proxy.config import Config
+from openai_proxy.tap import BadSettings, Options
 from tests.harness import TWISTD
 from tests.test_migration import expected_backlog, free_port, kernel_backlogs
 
@@ -128,6 +129,13 @@ class CommandLineTests(TestCase):
         self.assertTrue(first.startswith("twistd openai-proxy: "), run.stderr)
         for text in expected:
             self.assertIn(text, first)
+
+    def test_options_raise_bad_settings_naming_the_setting(self) -> None:
+        self.patch(os, "environ", {"GRACE": "-1"})
+        with self.assertRaises(BadSettings) as e:
+            Options().parseOptions([])
+        self.assertTrue(e.exception.message.startswith("--grace/GRACE: "))
+        self.assertNotEqual(e.exception.code, 0)
 
     def test_bad_setting_is_one_line_without_the_usage_text(self) -> None:
         run = self.run_twistd("-n", "--pidfile=", "openai-proxy", TIMEOUT="soon")

@@ -25,17 +25,19 @@ class ProxyError(Exception):
     message: str
     code: str
     type: str = "invalid_request_error"
+    #: The request field at fault, if one is (the API's own C{param}).
+    param: str | None = None
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def body(self) -> bytes:
         """The OpenAI-style JSON body for this error."""
-        return error_body(self.message, self.type, self.code)
+        return error_body(self.message, self.type, self.code, self.param)
 
 
-def error_body(message: str, type_: str, code: str) -> bytes:
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
     """Serialise an OpenAI-style error object."""
     return json.dumps(
-        {"error": {"message": message, "type": type_, "code": code, "param": None}}
+        {"error": {"message": message, "type": type_, "code": code, "param": param}}
     ).encode("utf-8")
 
 

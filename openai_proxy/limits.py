@@ -174,7 +174,9 @@ def rate_limited(key: NamedKey, decision: Decision) -> ProxyError:
         (b"retry-after-ms", b"%d" % max(1, math.ceil(wait * 1000))),
         *rate_headers(key, decision),
     ]
-    return ProxyError(429, message, "rate_limit_exceeded", type_, tuple(headers))
+    return ProxyError(
+        429, message, "rate_limit_exceeded", type_, headers=tuple(headers)
+    )
 
 
 class _Window:

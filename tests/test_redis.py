@@ -88,7 +88,7 @@ class SharedLimitsTests(TestCase):
         self.fake.by_key.clear()
         self.fake._cleanup()
         await first
-        await two.app.store._conn.ping()  # the release went before this
+        await two.app.store.ping()  # the release went before this
         self.assertEqual((await self.post(two.url, CAROL))[0].code, 200)
 
     async def test_a_bench_is_seen_by_the_other_proxy(self) -> None:

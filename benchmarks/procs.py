@@ -87,6 +87,12 @@ def _spawn(
     return proc
 
 
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start another program (redis-server, say), its output to C{log}."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return _spawn(argv, _env(), log)
+
+
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM the process group, then SIGKILL it after C{grace} seconds."""
     if proc.poll() is None:

@@ -83,6 +83,43 @@ _ROWS: list[tuple[str, str, tuple[str, ...], float | None, bool]] = [
         None,
         True,
     ),
+    (
+        "limits",
+        "in-process added CPU us/req",
+        ("in_process", "added_cpu_us_per_request"),
+        30,
+        True,
+    ),
+    ("limits", "in-process added p50 ms", ("in_process", "added_p50_ms"), None, True),
+    (
+        "limits",
+        "redis added CPU us/req",
+        ("redis", "added_cpu_us_per_request"),
+        None,
+        True,
+    ),
+    ("limits", "redis added p50 ms", ("redis", "added_p50_ms"), 0.3, True),
+    (
+        "limits",
+        "redis-server CPU us/req",
+        ("redis", "redis_server_cpu_us_per_request"),
+        None,
+        True,
+    ),
+    (
+        "limits",
+        "load: in-process added CPU us",
+        ("load", "in_process", "added_cpu_us_per_request"),
+        30,
+        True,
+    ),
+    (
+        "limits",
+        "load: redis added CPU us",
+        ("load", "redis", "added_cpu_us_per_request"),
+        None,
+        True,
+    ),
 ]
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks import probes, procs, streams
+from benchmarks.limits import limits
 from benchmarks.wrk import CHAT, CHAT_STREAM, run_wrk
 
 #: Events per streamed reply from the fake upstream, plus "data: [DONE]".
@@ -241,4 +242,5 @@ SCENARIOS: dict[str, Callable[[Harness], dict[str, Any]]] = {
     "relay-delay": relay_delay,
     "many-streams": many_open_streams,
     "moderated-stream": moderated_stream,
+    "limits": limits,
 }

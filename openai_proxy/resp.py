@@ -340,8 +340,8 @@ class RedisClient:
 
     def _connected(self, protocol: _RedisProtocol) -> None:
         self._protocol = protocol
-        if self._warned:
-            _log.info("Redis connection back")
+        # Once per connection (they are few): says when limits are shared.
+        _log.info("Redis {state}", state="back" if self._warned else "connected")
         self._warned = False
         waiters, self._up_waiters = self._up_waiters, []
         for d in waiters:

@@ -141,13 +141,9 @@ class TwoProcessTests(TestCase):
         http = client(self)
         ports = []
         for _ in range(2):
-            _, port = await start_twistd(self, env)
+            proc, port = await start_twistd(self, env)
+            await proc.logged(rb"Redis connected")
             ports.append(port)
-        for port in ports:
-            while True:  # until its Redis connection is up
-                ready = await http.get(f"http://127.0.0.1:{port}/readyz")
-                if json.loads(await ready.content()).get("redis") == "up":
-                    break
         codes = []
         for port in (ports[0], ports[1], ports[0], ports[1]):
             response = await http.post(

@@ -11,10 +11,11 @@ import io
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from twisted.web.server import Request
 
+from openai_proxy.formfield import boundary_of, form_field
 from openai_proxy.keys import NamedKey, model_not_allowed
 from openai_proxy.limits import Usage
 from openai_proxy.sse import SSEEvent, SSEParser
@@ -31,10 +32,11 @@ _TAIL_FIELDS = {
 
 def inspect_request(request: Request, key: NamedKey, inject: bool) -> bool:
     """
-    Read the JSON request body when C{key} restricts models, or when a
-    streamed completion may need C{stream_options.include_usage} added (with
-    C{inject}); add it then, rewriting the request's body.  Returns whether
-    it was added (the client did not ask for usage, so it must not see it).
+    Read the JSON request body (or a multipart form's C{model} field) when
+    C{key} restricts models, or when a streamed completion may need
+    C{stream_options.include_usage} added (with C{inject}); add it then,
+    rewriting the request's body.  Returns whether it was added (the client
+    did not ask for usage, so it must not see it).
 
     @raise ProxyError: 403 C{model_not_allowed} for a model C{key} may not use.
     """
@@ -44,7 +46,12 @@ def inspect_request(request: Request, key: NamedKey, inject: bool) -> bool:
     may_inject = inject and request.path.endswith(_STREAMED_PATHS)
     if not key.models and not may_inject:
         return False
-    ctype = (request.getHeader(b"content-type") or b"").lower()
+    raw_ctype = request.getHeader(b"content-type") or b""
+    ctype = raw_ctype.lower()
+    boundary = boundary_of(raw_ctype) if key.models else None
+    if boundary is not None:
+        _check_form_model(content, boundary, key)
+        return False
     if not ctype.startswith(b"application/json"):
         return False
     content.seek(0)
@@ -72,6 +79,19 @@ def inspect_request(request: Request, key: NamedKey, inject: bool) -> bool:
     body = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
     request.content = io.BytesIO(body)
     return True
+
+
+def _check_form_model(content: IO[bytes], boundary: bytes, key: NamedKey) -> None:
+    # An upload (audio transcription, say) names its model in a form field.
+    content.seek(0)
+    try:
+        field = form_field(content, boundary, b"model")
+    finally:
+        content.seek(0)
+    if field is not None:
+        model = field.decode("utf-8", "replace").strip()
+        if not key.allows_model(model):
+            raise model_not_allowed(key, model)
 
 
 def usage_of(obj: Any) -> Usage | None:

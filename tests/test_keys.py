@@ -18,8 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from openai_proxy.keys import KeysFileError, parse_keys
 from openai_proxy.limits import LocalLimiter, format_reset
-from tests.fake_upstream import Script, chat_chunk, sse_events
+from tests.fake_upstream import AUDIO, Script, chat_chunk, sse_events
 from tests.harness import JSON, RelayTestCase
+from tests.test_formfield import form
 
 ALICE = "pk-alice-3f9c2a71d5e8"
 BOB = "pk-bob-77aa01"
@@ -184,6 +185,68 @@ class NamedKeyTests(RelayTestCase):
         self.assertEqual(
             (refused.code, body["error"]["code"]), (403, "model_not_allowed")
         )
+        self.assertEqual(self.fake.received, [])
+
+    async def post_form(self, key: str, *parts: tuple[bytes, bytes]) -> Any:
+        boundary = b"----keysboundary"
+        body = form(*parts, boundary=boundary)
+        response = await self.http.post(
+            self.url("/v1/audio/transcriptions"),
+            body,
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "multipart/form-data; boundary=" + boundary.decode(),
+            },
+        )
+        return response, body
+
+    async def test_a_form_model_outside_models_is_refused_before_going_upstream(
+        self,
+    ) -> None:
+        # The field after a 300 KB upload, which twisted.web spools to a file.
+        refused, _ = await self.post_form(
+            ALICE,
+            (b'name="file"; filename="a.mp3"', os.urandom(300 * 1024)),
+            (b'name="model"', b"whisper-1"),
+        )
+        body = json.loads(await refused.content())
+        self.assertEqual(
+            (refused.code, body["error"]["code"]), (403, "model_not_allowed")
+        )
+        self.assertIn("whisper-1", body["error"]["message"])
+        self.assertEqual(self.fake.received, [])
+
+    async def test_a_form_with_an_allowed_model_goes_upstream_unchanged(
+        self,
+    ) -> None:
+        response, sent = await self.post_form(
+            ALICE,
+            (b'name="model"', b"gpt-4o-transcribe"),
+            (b'name="file"; filename="a.mp3"', os.urandom(200 * 1024)),
+        )
+        await response.content()
+        self.assertEqual(self.fake.received[-1].body, sent)
+
+    async def test_the_sdk_raises_permission_denied_for_a_transcription_model(
+        self,
+    ) -> None:
+        sdk = openai.OpenAI(
+            base_url=self.url("/v1"), api_key=ALICE, max_retries=0, timeout=10
+        )
+        self.addCleanup(sdk.close)
+
+        def transcribe() -> Any:
+            try:
+                sdk.audio.transcriptions.create(
+                    model="whisper-1", file=("a.mp3", AUDIO, "audio/mpeg")
+                )
+            except openai.PermissionDeniedError as e:
+                return e
+            return None
+
+        error = await deferToThread(transcribe)
+        self.assertIsInstance(error, openai.PermissionDeniedError)
+        self.assertEqual(error.code, "model_not_allowed")
         self.assertEqual(self.fake.received, [])
 
     async def test_disabled_expired_and_unknown_keys_are_refused(self) -> None:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -113,8 +113,16 @@ class Limiter(Protocol):
 
 def periods(now: float) -> tuple[str, str]:
     """The UTC day (C{YYYY-MM-DD}) and month (C{YYYY-MM}) of C{now}."""
-    day = time.strftime("%Y-%m-%d", time.gmtime(now))
-    return day, day[:7]
+    second = int(now)
+    if second != _last_period[0]:
+        # Asked several times per request: format once a second.
+        day = time.strftime("%Y-%m-%d", time.gmtime(second))
+        _last_period[:] = [second, (day, day[:7])]
+    found: tuple[str, str] = _last_period[1]
+    return found
+
+
+_last_period: list[Any] = [None, ("", "")]
 
 
 def format_reset(seconds: float) -> str:

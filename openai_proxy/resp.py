@@ -260,7 +260,7 @@ class RedisClient:
     or C{unix://}), kept open (reconnecting with a back-off up to 5 s) from
     L{start} to L{stop}.
 
-    @param scripts: loaded on every connection, then run with L{run}.
+    @param scripts: loaded on every connection, then run with L{evalsha}.
     @param timeout: seconds to connect, and to wait for a reply.
     """
 

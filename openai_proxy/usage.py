@@ -21,7 +21,7 @@ from openai_proxy.limits import Usage
 from openai_proxy.sse import SSEEvent, SSEParser
 
 _STREAMED_PATHS = (b"/chat/completions", b"/completions")
-_WHOLE_BODY = 1_048_576  # JSON replies up to this size are parsed whole
+_WHOLE_BODY = 1_048_576  # JSON replies up to this size are kept whole
 _TAIL = 16_384  # of larger ones, usage is looked for in this much of the end
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 _TAIL_FIELDS = {
@@ -145,14 +145,11 @@ class Meter:
             for event in self._parser.finish():
                 self._event(event)
             return
+        # JSON escapes the quotes of every string value, so the last bare
+        # "usage" is the reply's own field: its numbers need no full parse.
         body = b"".join(self._chunks)
-        if self._size <= _WHOLE_BODY:
-            try:
-                self.usage = usage_of(json.loads(body))
-            except ValueError:
-                self.usage = None
-        else:
-            self.usage = _usage_in_tail(body)
+        at = body.rfind(b'"usage"')
+        self.usage = _usage_in_tail(body[at:]) if at >= 0 else None
 
     def _keep(self, data: bytes) -> None:
         self._size += len(data)

@@ -17,8 +17,15 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
 from openai_proxy.keys import KeysFileError, parse_keys
-from openai_proxy.limits import LocalLimiter, format_reset
-from tests.fake_upstream import AUDIO, Script, chat_chunk, sse_events
+from openai_proxy.limits import LocalLimiter, Usage, format_reset
+from openai_proxy.usage import Meter
+from tests.fake_upstream import (
+    AUDIO,
+    Script,
+    chat_chunk,
+    chat_completion,
+    sse_events,
+)
 from tests.harness import JSON, RelayTestCase
 from tests.test_formfield import form
 
@@ -111,6 +118,38 @@ class KeysFileTests(SynchronousTestCase):
         self.assertEqual(denied.retry_after, 30.0)
         now[0] += 30  # the first request leaves the window
         self.assertIsNone(limiter.decide(alice).denied)
+
+
+class JSONUsageTests(SynchronousTestCase):
+    def usage(self, reply: Any, pieces: int = 3) -> Usage | None:
+        body = json.dumps(reply).encode()
+        passed: list[bytes] = []
+        meter = Meter(passed.append, sse=False, strip=False)
+        step = len(body) // pieces + 1
+        for at in range(0, len(body), step):
+            meter.feed(body[at : at + step])
+        meter.end()
+        self.assertEqual(b"".join(passed), body)
+        return meter.usage
+
+    def test_the_replys_usage_not_text_that_looks_like_it(self) -> None:
+        fake = '"usage": {"prompt_tokens": 999, "completion_tokens": 999}'
+        reply = chat_completion(fake)
+        reply["usage"] = {
+            "prompt_tokens": 12,
+            "completion_tokens": 3,
+            "prompt_tokens_details": {"cached_tokens": 10},
+        }
+        self.assertEqual(self.usage(reply), Usage(12, 3))
+        del reply["usage"]
+        self.assertIsNone(self.usage(reply))
+
+    def test_responses_and_embeddings(self) -> None:
+        responses = {"output": [], "usage": {"input_tokens": 7, "output_tokens": 2}}
+        self.assertEqual(self.usage(responses), Usage(7, 2))
+        embeddings = {"data": [], "usage": {"prompt_tokens": 4, "total_tokens": 4}}
+        self.assertEqual(self.usage(embeddings), Usage(4, 0))
+        self.assertIsNone(self.usage({"usage": None, "x": 1}))
 
 
 class NamedKeyTests(RelayTestCase):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -138,27 +139,118 @@ def _alternating(
 
 
 def _under_load(h: Any, proxies: dict[str, procs.Proxy], redis: Any) -> dict[str, Any]:
-    """20 connections with wrk, one proxy at a time: CPU per request under load."""
-    seconds = h.settings.seconds(8)
+    """
+    20 connections with wrk, one proxy at a time, in short turns (rotating
+    the order) so that a change in the machine's load weighs on all three.
+    """
+    rounds = 4
+    seconds = max(1.0, h.settings.seconds(12) / rounds)
+    names = list(proxies)
+    totals = {name: {"requests": 0, "seconds": 0.0, "cpu": 0.0} for name in names}
+    redis_cpu = 0.0
+    p50s: dict[str, list[float]] = {name: [] for name in names}
+    errors = dict.fromkeys(names, 0)
+    for turn in range(rounds):
+        for j in range(len(names)):
+            name = names[(turn + j) % len(names)]
+            proxy = proxies[name]
+            cpu0 = proxy.cpu()
+            redis_cpu0 = procs.cpu_seconds(redis[0].pid) if redis else 0.0
+            run = run_wrk(proxy.port, CHAT, 20, seconds)
+            totals[name]["cpu"] += proxy.cpu() - cpu0
+            totals[name]["requests"] += run["requests"]
+            totals[name]["seconds"] += run["seconds"]
+            p50s[name].append(run["p50_ms"])
+            errors[name] += run["errors"]
+            if name == "redis":
+                redis_cpu += procs.cpu_seconds(redis[0].pid) - redis_cpu0
     out: dict[str, Any] = {}
-    for name, proxy in proxies.items():
-        cpu0 = proxy.cpu()
-        redis_cpu0 = procs.cpu_seconds(redis[0].pid) if redis else 0.0
-        run = run_wrk(proxy.port, CHAT, 20, seconds)
-        done = max(1, run["requests"])
+    for name in names:
+        done = max(1, totals[name]["requests"])
         out[name] = {
-            "rate": run["rate"],
-            "p50_ms": run["p50_ms"],
-            "errors": run["errors"],
-            "cpu_us_per_request": round((proxy.cpu() - cpu0) / done * 1e6, 1),
+            "rate": round(done / max(totals[name]["seconds"], 1e-9), 1),
+            "p50_ms_per_turn": p50s[name],
+            "errors": errors[name],
+            "cpu_us_per_request": round(totals[name]["cpu"] / done * 1e6, 1),
         }
         if name == "redis":
             out[name]["redis_server_cpu_us_per_request"] = round(
-                (procs.cpu_seconds(redis[0].pid) - redis_cpu0) / done * 1e6, 1
+                redis_cpu / done * 1e6, 1
             )
-    for name in out:
+    for name in names:
         if name != "off":
             out[name]["added_cpu_us_per_request"] = round(
                 out[name]["cpu_us_per_request"] - out["off"]["cpu_us_per_request"], 1
             )
     return out
+
+
+def limits_instructions(h: Any) -> dict[str, Any]:
+    """
+    The same three set-ups under valgrind's callgrind: user-space
+    instructions per request, which other work on the machine does not
+    change (kernel time is not in them).
+    """
+    valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
+    if valgrind is None or control is None:
+        return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
+    count = 100 if h.settings.quick else 300
+    raw = probes.request_bytes(CHAT)
+    work = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
+    keys = work / "keys.toml"
+    keys.write_text(_KEYS_TOML)
+    named = {"PROXY_KEY": "", "KEYS_FILE": str(keys)}
+    redis = start_redis()
+    setups: dict[str, dict[str, str]] = {"off": {}, "in_process": named}
+    if redis is not None:
+        setups["redis"] = {**named, "REDIS_URL": redis[1]}
+    result: dict[str, Any] = {"requests": count}
+    try:
+        for name, env in setups.items():
+            out = work / name
+            wrapper = (valgrind, "--tool=callgrind", "--instr-atstart=no")
+            wrapper += (f"--callgrind-out-file={out}.%p",)
+            proxy = procs.start_proxy(
+                h.upstream_port, 1, wrapper=wrapper, start_limit=180, **env
+            )
+            try:
+                if name == "redis":
+                    _wait_for_redis(proxy.port)
+                conn = probes.Connection(proxy.port)
+                for _ in range(50):  # warm-up, not counted
+                    conn.exchange(raw)
+                pid = str(proxy.proc.pid)
+                subprocess.run(
+                    [control, "-i", "on", pid], check=True, capture_output=True
+                )
+                for _ in range(count):
+                    conn.exchange(raw)
+                subprocess.run([control, "-d", pid], check=True, capture_output=True)
+                subprocess.run(
+                    [control, "-i", "off", pid], check=True, capture_output=True
+                )
+                conn.close()
+            finally:
+                procs.stop(proxy.proc)
+            result[name] = {"instructions_per_request": _dumped(work, name) // count}
+    finally:
+        if redis is not None:
+            procs.stop(redis[0])
+        shutil.rmtree(work, ignore_errors=True)
+    base = result["off"]["instructions_per_request"]
+    for name in setups:
+        if name != "off":
+            added = result[name]["instructions_per_request"] - base
+            result[name]["added_instructions_per_request"] = added
+    if redis is None:
+        result["redis_skipped"] = "redis-server is not installed"
+    return result
+
+
+def _dumped(work: Path, name: str) -> int:
+    # callgrind_control -d writes <out>.<pid>.1; its "totals:" line is the sum.
+    for dump in work.glob(f"{name}.*.1"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("totals:", "summary:")):
+                return int(line.split()[1])
+    raise RuntimeError(f"no callgrind dump for {name} in {work}")

@@ -160,10 +160,19 @@ class Proxy:
         return sum(rss_kb(p) for p in self.pids)
 
 
-def start_proxy(upstream_port: int, workers: int = 1, **env: str) -> Proxy:
+def start_proxy(
+    upstream_port: int,
+    workers: int = 1,
+    *,
+    wrapper: tuple[str, ...] = (),
+    start_limit: float = 30.0,
+    **env: str,
+) -> Proxy:
     """
     Start C{twistd -n --pidfile= openai-proxy} against the fake upstream and
-    wait until it (and every worker) serves.
+    wait until it (and every worker) serves.  C{wrapper}: a command to run
+    it under (valgrind, say), which may need more than C{start_limit}
+    seconds to start it.
     """
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / "proxy.log"
@@ -177,12 +186,13 @@ def start_proxy(upstream_port: int, workers: int = 1, **env: str) -> Proxy:
         "WORKERS": str(workers),
     }
     settings.update(env)
-    argv = [twistd(), "-n", "--pidfile=", "openai-proxy", "--workers", str(workers)]
+    argv = [*wrapper, twistd(), "-n", "--pidfile="]
+    argv += ["openai-proxy", "--workers", str(workers)]
     with open(log, "ab") as f:
         f.write(f"\n==== {' '.join(argv)}\n".encode())
     proc = _spawn(argv, _env(**settings), log)
     proxy = Proxy(proc, port, log, workers)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + start_limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"proxy exited with {proc.returncode}; see {log}")
@@ -190,7 +200,7 @@ def start_proxy(upstream_port: int, workers: int = 1, **env: str) -> Proxy:
             proxy.pids = [proc.pid, *children_of(proc.pid)]
             return proxy
         time.sleep(0.05)
-    raise RuntimeError(f"proxy did not start in 30 s; see {log}")
+    raise RuntimeError(f"proxy did not start in {start_limit:.0f} s; see {log}")
 
 
 def _healthy(port: int) -> bool:

@@ -120,6 +120,27 @@ _ROWS: list[tuple[str, str, tuple[str, ...], float | None, bool]] = [
         None,
         True,
     ),
+    (
+        "limits-callgrind",
+        "off: instructions/req",
+        ("off", "instructions_per_request"),
+        None,
+        True,
+    ),
+    (
+        "limits-callgrind",
+        "in-process: added instr/req",
+        ("in_process", "added_instructions_per_request"),
+        None,
+        True,
+    ),
+    (
+        "limits-callgrind",
+        "redis: added instr/req",
+        ("redis", "added_instructions_per_request"),
+        None,
+        True,
+    ),
 ]
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks import probes, procs, streams
-from benchmarks.limits import limits
+from benchmarks.limits import limits, limits_instructions
 from benchmarks.wrk import CHAT, CHAT_STREAM, run_wrk
 
 #: Events per streamed reply from the fake upstream, plus "data: [DONE]".
@@ -243,4 +243,5 @@ SCENARIOS: dict[str, Callable[[Harness], dict[str, Any]]] = {
     "many-streams": many_open_streams,
     "moderated-stream": moderated_stream,
     "limits": limits,
+    "limits-callgrind": limits_instructions,
 }

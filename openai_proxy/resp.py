@@ -155,7 +155,6 @@ class _RedisProtocol(Protocol):
 
     def connectionMade(self) -> None:
         client = self._client
-        client._factory.resetDelay()
         handshake: list[list[Arg]] = []
         if client.password is not None:
             auth: list[Arg] = ["AUTH", client.password]
@@ -177,11 +176,7 @@ class _RedisProtocol(Protocol):
         def step(reply: Reply) -> None:
             if isinstance(reply, RedisError):
                 # The reply names no secret: Redis says WRONGPASS, NOAUTH, ...
-                _log.error(
-                    "Redis refused {command} on connecting: {why}",
-                    command=name,
-                    why=str(reply),
-                )
+                self._client._warn(f"Redis refused {name!s} on connecting: {reply}")
                 self.transport.loseConnection()  # type: ignore[union-attr]
             elif last:
                 self._up()
@@ -190,6 +185,9 @@ class _RedisProtocol(Protocol):
 
     def _up(self) -> None:
         self.ready = True
+        # Back-off starts again only once a connection was of use: a Redis
+        # that refuses our password is not asked again ten times a second.
+        self._client._factory.resetDelay()
         self._client._connected(self)
 
     def write(self, data: bytes, waiter: _Waiter) -> None:
@@ -362,10 +360,11 @@ class RedisClient:
         self._warn(f"cannot connect to Redis: {reason.getErrorMessage()}")
 
     def _warn(self, message: str) -> None:
-        # Once per outage, not at every reconnection attempt.
+        # Once per outage, not at every reconnection attempt.  (Not a field
+        # named "message": Twisted's legacy observers overwrite that one.)
         if not self._warned:
             self._warned = True
-            _log.warn("{message}", message=message)
+            _log.warn("{why}", why=message)
 
     def _check_replies(self) -> None:
         protocol = self._protocol

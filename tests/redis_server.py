@@ -53,7 +53,8 @@ class RedisServer:
         self._process: Any = None
 
     @classmethod
-    async def start(cls, test: Any) -> RedisServer:
+    async def start(cls, test: Any, *options: str) -> RedisServer:
+        """Start one, with extra command-line C{options} (C{--requirepass X})."""
         server = cls()
         assert REDIS_SERVER is not None
         server._process = reactor.spawnProcess(
@@ -69,6 +70,7 @@ class RedisServer:
                 str(server.port),
                 "--bind",
                 "127.0.0.1",
+                *options,
             ],
             env=None,
         )

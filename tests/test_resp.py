@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openai_proxy.resp import (
@@ -143,3 +144,22 @@ class ClientTests(TestCase):
         with self.assertRaises(RedisUnavailable):
             await blocked
         self.assertFalse(client.up)
+
+    async def test_a_password_in_the_url_and_a_refused_one(self) -> None:
+        redis = await RedisServer.start(self, "--requirepass", "s3cr:et")
+        good = await self.client(f"redis://:s3cr%3Aet@127.0.0.1:{redis.port}/2")
+        await good.when_up()
+        self.assertEqual(await good.call("SET", "k", "v"), b"OK")
+        refused: Deferred[str] = Deferred()
+
+        def observe(event: dict[str, Any]) -> None:
+            text = str(event.get("why", ""))
+            if "refused AUTH" in text and not refused.called:
+                refused.callback(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        bad = await self.client(f"redis://default:wrong@127.0.0.1:{redis.port}/0")
+        self.assertIn("WRONGPASS", await refused)
+        self.assertNotIn("wrong", (await refused).replace("WRONGPASS", ""))
+        self.assertFalse(bad.up)

@@ -16,6 +16,7 @@ from tests.harness import JSON, Proxy, client
 from tests.redis_server import SKIP, RedisServer
 from tests.test_keys import ADMIN, ALICE, BOB, CAROL, KEYS_TOML, chat, keys_file
 from tests.test_operations import start_twistd
+from tests.test_sighup import HoldingUpstream
 
 
 class SharedLimitsTests(TestCase):
@@ -23,7 +24,7 @@ class SharedLimitsTests(TestCase):
 
     async def start(self, **extra: str) -> list[Proxy]:
         self.redis = await RedisServer.start(self)
-        self.fake = FakeOpenAI()
+        self.fake = HoldingUpstream()
         self.env = {
             "UPSTREAM": self.fake.start(self),
             "KEYS_FILE": keys_file(self, KEYS_TOML),
@@ -39,11 +40,16 @@ class SharedLimitsTests(TestCase):
             await proxy.app.store.ready()
         return proxies
 
-    async def post(self, base: str, key: str, payload: Any | None = None) -> Any:
+    async def post(
+        self, base: str, key: str, payload: Any | None = None, hold: bool = False
+    ) -> Any:
+        headers = {"Authorization": f"Bearer {key}", **JSON}
+        if hold:
+            headers["X-Hold"] = "1"  # the upstream answers when released
         response = await self.http.post(
             base + "/v1/chat/completions",
             json.dumps(payload or chat()).encode(),
-            headers={"Authorization": f"Bearer {key}", **JSON},
+            headers=headers,
         )
         body = await response.content()
         return response, body
@@ -78,17 +84,13 @@ class SharedLimitsTests(TestCase):
 
     async def test_concurrency_is_shared_and_released(self) -> None:
         one, two = await self.start()
-        self.fake.by_key["sk-server-one"] = Script(stall=True)
-        self.fake.by_key["sk-server-two"] = Script(stall=True)
-        first = Deferred.fromCoroutine(self.post(one.url, CAROL))
-        while not self.fake.received:
-            await (await self.http.get(one.url + "/healthz")).content()
+        first = Deferred.fromCoroutine(self.post(one.url, CAROL, hold=True))
+        await self.fake.arrived
         refused, _ = await self.post(two.url, CAROL)
         self.assertEqual(refused.code, 429)
-        self.fake.by_key.clear()
-        self.fake._cleanup()
-        await first
-        await two.app.store.ping()  # the release went before this
+        self.fake.release()
+        self.assertEqual((await first)[0].code, 200)
+        await one.app.store.ping()  # the release went before this
         self.assertEqual((await self.post(two.url, CAROL))[0].code, 200)
 
     async def test_a_bench_is_seen_by_the_other_proxy(self) -> None:

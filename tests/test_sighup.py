@@ -28,7 +28,10 @@ def one_key(name: str, key: str) -> str:
 
 
 class HoldingUpstream(FakeOpenAI):
-    """The fake API, holding requests sent with C{x-hold} until L{release}."""
+    """
+    The fake API, holding requests sent with C{x-hold} until L{release};
+    C{arrived} fires when the first is held.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,7 +42,8 @@ class HoldingUpstream(FakeOpenAI):
         if request.getHeader(b"x-hold") is None:
             return super().render(request)
         self.held.append(request)
-        self.arrived.callback(None)
+        if not self.arrived.called:
+            self.arrived.callback(None)
         return NOT_DONE_YET
 
     def release(self) -> None:

@@ -24,10 +24,9 @@ _STREAMED_PATHS = (b"/chat/completions", b"/completions")
 _WHOLE_BODY = 1_048_576  # JSON replies up to this size are kept whole
 _TAIL = 16_384  # of larger ones, usage is looked for in this much of the end
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
-_TAIL_FIELDS = {
-    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
-    for name in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
-}
+_TOKEN_FIELD = re.compile(
+    rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)'
+)
 
 
 def inspect_request(request: Request, key: NamedKey, inject: bool) -> bool:
@@ -180,13 +179,10 @@ def _is_usage_chunk(obj: Any) -> bool:
 
 
 def _usage_in_tail(tail: bytes) -> Usage | None:
-    found = {}
-    for name, pattern in _TAIL_FIELDS.items():
-        matches = pattern.findall(tail)
-        if matches:
-            found[name] = int(matches[-1])
+    # One pass; of a field named twice, the last one counts.
+    found: dict[bytes, bytes] = dict(_TOKEN_FIELD.findall(tail))
     if not found:
         return None
-    prompt = found.get("prompt_tokens", found.get("input_tokens", 0))
-    completion = found.get("completion_tokens", found.get("output_tokens", 0))
-    return Usage(prompt, completion)
+    prompt = found.get(b"prompt_tokens", found.get(b"input_tokens", b"0"))
+    completion = found.get(b"completion_tokens", found.get(b"output_tokens", b"0"))
+    return Usage(int(prompt), int(completion))

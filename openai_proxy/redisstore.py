@@ -28,36 +28,62 @@ _LEASE = 600  # seconds a request holds its concurrency slot at most
 _REFRESH = 1.0  # seconds between reads of the shared bench state
 _TIMEOUT = 2  # seconds to connect, and to wait for a reply
 
+# A window is a hash of per-second buckets with, beside them, its total
+# ("t"), its oldest ("o") and newest ("n") seconds: trimming visits each
+# second once as time passes, rather than all sixty buckets at every request
+# (which cost Redis ~4x more CPU per request under steady traffic).
 _WINDOW_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local sec = t[1]
-local function window(key)
-  local flat = redis.call('HGETALL', key)
-  local entries, total = {}, 0
-  for i = 1, #flat, 2 do
-    local s, n = tonumber(flat[i]), tonumber(flat[i + 1])
-    if s + 60 <= now then
-      redis.call('HDEL', key, flat[i])
-    else
-      total = total + n
-      entries[#entries + 1] = {s, n}
-    end
+local sec = tonumber(t[1])
+local function trim(key)
+  local state = redis.call('HMGET', key, 't', 'o', 'n')
+  local total, oldest, newest = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
+  if total == nil or oldest == nil or newest == nil then return 0, nil end
+  if newest + 60 <= now then
+    redis.call('DEL', key)
+    return 0, nil
   end
-  table.sort(entries, function(a, b) return a[1] < b[1] end)
-  return total, entries
+  local first = oldest
+  while oldest < newest do
+    local n = redis.call('HGET', key, oldest)
+    if n then
+      if oldest + 60 > now then break end
+      total = total - tonumber(n)
+      redis.call('HDEL', key, oldest)
+    end
+    oldest = oldest + 1
+  end
+  if oldest ~= first then
+    if total < 0 then total = 0 end
+    redis.call('HSET', key, 't', total, 'o', oldest)
+  end
+  return total, oldest
 end
-local function wait(entries, total, limit)
+local function add(key, amount, oldest)
+  redis.call('HINCRBY', key, sec, amount)
+  redis.call('HINCRBY', key, 't', amount)
+  if oldest == nil then
+    redis.call('HSET', key, 'o', sec, 'n', sec)
+  else
+    redis.call('HSET', key, 'n', sec)
+  end
+  redis.call('EXPIRE', key, 120)
+end
+local function wait(key, total, limit, oldest)
   local need = total - limit + 1
-  for _, e in ipairs(entries) do
-    need = need - e[2]
-    if need <= 0 then return e[1] + 60 - now end
+  for s = oldest or sec, sec do
+    local n = redis.call('HGET', key, s)
+    if n then
+      need = need - tonumber(n)
+      if need <= 0 then return s + 60 - now end
+    end
   end
   return 0
 end
-local function reset(entries)
-  if #entries == 0 then return 0 end
-  return entries[1][1] + 60 - now
+local function reset(oldest)
+  if oldest == nil then return 0 end
+  return oldest + 60 - now
 end
 """
 
@@ -68,27 +94,26 @@ ADMIT = (
     _WINDOW_LUA
     + """
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local rtotal, rentries = 0, {}
-if rpm > 0 then rtotal, rentries = window(KEYS[1]) end
-local ttotal, tentries = 0, {}
-if tpm > 0 then ttotal, tentries = window(KEYS[2]) end
+local rtotal, roldest = 0, nil
+if rpm > 0 then rtotal, roldest = trim(KEYS[1]) end
+local ttotal, toldest = 0, nil
+if tpm > 0 then ttotal, toldest = trim(KEYS[2]) end
 local denied, retry = '', 0
 if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if redis.call('ZCARD', KEYS[3]) >= conc then denied, retry = 'concurrency', 1 end
 end
 if denied == '' and rpm > 0 and rtotal >= rpm then
-  denied, retry = 'requests', wait(rentries, rtotal, rpm)
+  denied, retry = 'requests', wait(KEYS[1], rtotal, rpm, roldest)
 end
 if denied == '' and tpm > 0 and ttotal >= tpm then
-  denied, retry = 'tokens', wait(tentries, ttotal, tpm)
+  denied, retry = 'tokens', wait(KEYS[2], ttotal, tpm, toldest)
 end
 if denied == '' then
   if rpm > 0 then
-    redis.call('HINCRBY', KEYS[1], sec, 1)
-    redis.call('EXPIRE', KEYS[1], 120)
+    add(KEYS[1], 1, roldest)
     rtotal = rtotal + 1
-    if #rentries == 0 then rentries = {{tonumber(sec), 1}} end
+    roldest = roldest or sec
   end
   if conc > 0 then
     redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[6])
@@ -99,21 +124,22 @@ if denied == '' then
   redis.call('HINCRBY', KEYS[5], ARGV[5] .. '|requests', 1)
   redis.call('EXPIRE', KEYS[5], 3024000)
 end
-return {denied, math.ceil(retry * 1000), rtotal, math.ceil(reset(rentries) * 1000),
-        ttotal, math.ceil(reset(tentries) * 1000)}
+return {denied, math.ceil(retry * 1000), rtotal, math.ceil(reset(roldest) * 1000),
+        ttotal, math.ceil(reset(toldest) * 1000)}
 """
 )
 
 #: KEYS: tokens window, in-flight set, day usage, month usage.
 #: ARGV: key name, "1" with a tpm, ticket, prompt tokens, completion tokens.
-SETTLE = """
-local sec = redis.call('TIME')[1]
+SETTLE = (
+    _WINDOW_LUA
+    + """
 redis.call('ZREM', KEYS[2], ARGV[3])
 local prompt, completion = tonumber(ARGV[4]), tonumber(ARGV[5])
 if prompt + completion > 0 then
   if ARGV[2] == '1' then
-    redis.call('HINCRBY', KEYS[1], sec, prompt + completion)
-    redis.call('EXPIRE', KEYS[1], 120)
+    local _, oldest = trim(KEYS[1])
+    add(KEYS[1], prompt + completion, oldest)
   end
   for i = 3, 4 do
     redis.call('HINCRBY', KEYS[i], ARGV[1] .. '|prompt_tokens', prompt)
@@ -122,6 +148,7 @@ if prompt + completion > 0 then
 end
 return 1
 """
+)
 
 
 _ADMIT = Script(ADMIT)

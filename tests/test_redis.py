@@ -8,9 +8,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
+from openai_proxy.failover import KeyPool
+from openai_proxy.keys import NamedKey
+from openai_proxy.limits import Usage
+from openai_proxy.redisstore import RedisStore
 from tests.fake_upstream import FakeOpenAI, Script
 from tests.harness import JSON, Proxy, client
 from tests.redis_server import SKIP, RedisServer
@@ -156,3 +161,63 @@ class TwoProcessTests(TestCase):
             await response.content()
             codes.append(response.code)
         self.assertEqual(codes, [200, 200, 429, 429])
+
+
+class RedisWindowTests(TestCase):
+    """The sliding windows of the Redis scripts, seeded with past buckets."""
+
+    skip = SKIP
+
+    async def start(self) -> RedisStore:
+        redis = await RedisServer.start(self)
+        store = RedisStore(redis.url, reactor, KeyPool([]))
+        store.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(store.stop()))
+        await store.ready()
+        return store
+
+    async def seed(self, store: RedisStore, window: str, ago: dict[int, int]) -> int:
+        """Put buckets seconds C{ago} into a window; return Redis's second."""
+        reply = await store._redis.call("TIME")
+        assert isinstance(reply, list) and isinstance(reply[0], bytes)
+        now = int(reply[0])
+        fields: list[Any] = []
+        for seconds, count in ago.items():
+            fields += [now - seconds, count]
+        oldest, newest = now - max(ago), now - min(ago)
+        total = sum(ago.values())
+        key = "openai-proxy:" + window
+        await store._redis.call("HSET", key, "t", total, "o", oldest, "n", newest)
+        await store._redis.call("HSET", key, *fields)
+        return now
+
+    async def test_requests_leave_the_window_after_a_minute(self) -> None:
+        store = await self.start()
+        key = NamedKey("w", b"x" * 32, rpm=3)
+        now = await self.seed(store, "rpm:w", {61: 3, 30: 2})
+        admitted = await store.admit(key, "t1")
+        self.assertIsNone(admitted.denied)
+        self.assertEqual(admitted.requests_used, 3)
+        self.assertTrue(29 <= admitted.requests_reset <= 31)
+        gone = await store._redis.call("HEXISTS", "openai-proxy:rpm:w", now - 61)
+        self.assertEqual(gone, 0)
+        refused = await store.admit(key, "t2")
+        self.assertEqual(refused.denied, "requests")
+        self.assertTrue(29 <= refused.retry_after <= 31, refused)
+
+    async def test_an_idle_window_starts_afresh(self) -> None:
+        store = await self.start()
+        key = NamedKey("w", b"x" * 32, rpm=3)
+        await self.seed(store, "rpm:w", {100: 5, 90: 4})
+        admitted = await store.admit(key, "t1")
+        self.assertEqual((admitted.denied, admitted.requests_used), (None, 1))
+
+    async def test_tokens_charged_at_the_end_count_toward_tpm(self) -> None:
+        store = await self.start()
+        key = NamedKey("w", b"x" * 32, tpm=10)
+        await self.seed(store, "tpm:w", {45: 4})
+        self.assertEqual((await store.admit(key, "t1")).tokens_used, 4)
+        store.settle(key, "t1", Usage(3, 3))  # sent before the next admission
+        refused = await store.admit(key, "t2")
+        self.assertEqual((refused.denied, refused.tokens_used), ("tokens", 10))
+        self.assertTrue(14 <= refused.retry_after <= 16, refused)

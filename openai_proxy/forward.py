@@ -53,6 +53,7 @@ class Forwarder:
         self._keys = KeyPolicy(config.proxy_keys, config.openai_keys)
         self._upstreams = Upstreams(config.upstream, config.routes)
         self._timeout = config.timeout
+        self._send_timeout = config.send_timeout
         self._log_bodies = config.log_bodies
         self._moderation = moderation
         self._metrics = metrics
@@ -159,7 +160,14 @@ class Forwarder:
         Deliver the response body to C{sink} as it arrives; return L{None}
         when it ended normally, else why it did not.
         """
-        relay = BodyRelay(sink, exchange.request, self._reactor, self._timeout)
+        relay = BodyRelay(
+            sink,
+            exchange.request,
+            self._reactor,
+            self._timeout,
+            self._send_timeout,
+            exchange.client_stalled,
+        )
         exchange.relay = relay
         response.deliverBody(relay)
         try:
@@ -188,8 +196,9 @@ class Forwarder:
             # learns that the answer is cut short, not just that it ended.
             exchange.write(format_event(error.body().decode("utf-8"), "error"))
         else:
-            # Mid-body, only a closed connection says "incomplete".
-            exchange.abort()
+            # Mid-body, only a closed connection says "incomplete"; the
+            # upstream's fault, not a client hang-up.
+            exchange.abort(upstream_fault=True)
 
     async def _relay_moderated_stream(
         self, exchange: Exchange, response: IResponse, plan: Plan, key: str

@@ -114,7 +114,9 @@ class ProxyResource(Resource):
 
     def _finished(self, result: object, exchange: Exchange) -> None:
         request = exchange.request
-        hung_up = isinstance(result, Failure)
+        # A connection the proxy closed because the upstream broke off is
+        # logged with the status it sent, not as the client's hang-up.
+        hung_up = isinstance(result, Failure) and not exchange.upstream_fault
         # 499: nginx's "client closed request", for a response never completed.
         status = 499 if hung_up else request.code
         exchange.metrics.finished(

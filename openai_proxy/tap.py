@@ -22,7 +22,27 @@ _CORE_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("proxy-key-file", "PROXY_KEY", "File of accepted proxy keys."),
     ("openai-key-file", "OPENAI_KEY", "File of server-held upstream keys."),
     ("timeout", "TIMEOUT, default 30000", "Upstream timeout in ms."),
+    (
+        "send-timeout",
+        "SEND_TIMEOUT, default 60000",
+        "ms a client may stop reading a response before it is cut off.",
+    ),
+    (
+        "header-timeout",
+        "HEADER_TIMEOUT, default 30000",
+        "ms for a request's line and headers to arrive.",
+    ),
     ("max-body", "MAX_BODY, default 52428800", "Largest request body in bytes."),
+    (
+        "max-moderated-body",
+        "MAX_MODERATED_BODY, default 10485760",
+        "Largest JSON body in bytes on a moderated path.",
+    ),
+    (
+        "max-decoded-body",
+        "MAX_DECODED_BODY, default 67108864",
+        "Largest decoded size in bytes of a compressed moderated response.",
+    ),
     (
         "cors-origins",
         "CORS_ORIGINS, default *",

@@ -17,6 +17,16 @@ MODERATION_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("moderation-threads", "MODERATION_THREADS", "threads for blocking backends (10)"),
     ("moderation-timeout", "MODERATION_TIMEOUT", "ms for one moderation call (5000)"),
     ("refusal-text", "REFUSAL_TEXT", "text that replaces blocked output"),
+    (
+        "moderation-max-calls",
+        "MODERATION_MAX_CALLS",
+        "backend calls allowed per response (1000)",
+    ),
+    (
+        "moderation-max-event-calls",
+        "MODERATION_MAX_EVENT_CALLS",
+        "backend calls allowed per streamed event (20)",
+    ),
     ("moderate-input", "MODERATE_INPUT", "on | off (default)"),
     ("tencent-cloud-ap", "TENCENT_CLOUD_AP", "TMS region (ap-singapore)"),
     ("tencent-cloud-endpoint", "TENCENT_CLOUD_ENDPOINT", "TMS host[:port]"),
@@ -36,6 +46,8 @@ class ModerationConfig:
     threads: int = 10
     timeout: float = 5.0
     refusal_text: str = DEFAULT_REFUSAL
+    max_calls: int = 1000
+    max_event_calls: int = 20
     moderate_input: bool = False
     tencent_secret_id: str | None = field(default=None, repr=False)
     tencent_secret_key: str | None = field(default=None, repr=False)
@@ -132,6 +144,22 @@ class ModerationConfig:
             )
             / 1000.0,
             refusal_text=source("refusal-text", "REFUSAL_TEXT") or DEFAULT_REFUSAL,
+            max_calls=int(
+                parse_positive(
+                    "MODERATION_MAX_CALLS",
+                    source("moderation-max-calls", "MODERATION_MAX_CALLS"),
+                    cls.max_calls,
+                    integer=True,
+                )
+            ),
+            max_event_calls=int(
+                parse_positive(
+                    "MODERATION_MAX_EVENT_CALLS",
+                    source("moderation-max-event-calls", "MODERATION_MAX_EVENT_CALLS"),
+                    cls.max_event_calls,
+                    integer=True,
+                )
+            ),
             moderate_input=moderate_input,
             tencent_secret_id=sid,
             tencent_secret_key=skey,

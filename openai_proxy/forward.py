@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 
-from openai_proxy import errors
+from openai_proxy import errors, hop
 from openai_proxy.auth import KeyPolicy
 from openai_proxy.bodies import request_body
 from openai_proxy.config import Config
@@ -31,6 +31,9 @@ from openai_proxy.upstream import Upstreams
 
 _log = Logger()
 _SSE = b"text/event-stream"
+
+# So that headers the upstream's Connection header names can be dropped.
+hop.install()
 
 
 class Forwarder:

@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.fake_upstream import Script
-from tests.harness import RelayTestCase
+from tests.harness import AUTH, RelayTestCase
 from tests.rawhttp import Collector, connect
 from tests.test_operations import ERRORS, HANGUPS, REQUESTS, parse_samples, series
 
@@ -145,3 +145,36 @@ class TruncatedBodyTests(_ScrapingTest):
             after.get(series(REQUESTS, method="GET", route="files", status="499"), 0),
             before.get(series(REQUESTS, method="GET", route="files", status="499"), 0),
         )
+
+
+class ResponseHeaderTests(RelayTestCase):
+    """Items 4 and 5: what the upstream may not put in the client's headers."""
+
+    async def test_upstream_cannot_forge_the_proxy_request_id(self) -> None:
+        lines = capture_logs(self)
+        self.fake.script = Script(
+            headers={b"x-proxy-request-id": [b"forged-by-upstream"]}, body=b"{}"
+        )
+        response = await self.http.get(self.url("/v1/models"), headers=AUTH)
+        await response.content()
+        ids = response.headers.getRawHeaders(b"x-proxy-request-id")
+        self.assertEqual(len(ids), 1)
+        self.assertNotEqual(ids[0], b"forged-by-upstream")
+        self.assertRegex(ids[0], rb"^[0-9a-f]{16}$")
+        self.assertFalse([line for line in lines if "forged" in line])
+
+    async def test_headers_named_in_the_upstream_connection_header_are_dropped(
+        self,
+    ) -> None:
+        self.fake.script = Script(
+            headers={
+                b"connection": [b"x-hop-secret, keep-alive"],
+                b"x-hop-secret": [b"internal"],
+                b"x-end-to-end": [b"kept"],
+            },
+            body=b"{}",
+        )
+        response = await self.http.get(self.url("/v1/models"), headers=AUTH)
+        await response.content()
+        self.assertIsNone(response.headers.getRawHeaders(b"x-hop-secret"))
+        self.assertEqual(response.headers.getRawHeaders(b"x-end-to-end"), [b"kept"])

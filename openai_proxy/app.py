@@ -74,7 +74,11 @@ class ProxyApp(Service):
             metrics_resource=metrics_here,
         )
         self.site = ProxySite(
-            self.resource, config.max_body, allow_any_origin="*" in config.cors_origins
+            self.resource,
+            config.max_body,
+            allow_any_origin="*" in config.cors_origins,
+            header_timeout=config.header_timeout,
+            authorize=self.resource.authorize,
         )
         logs.register_secrets(
             [

@@ -61,6 +61,15 @@ class Forwarder:
         self._moderation = moderation
         self._metrics = metrics
 
+    def authorize(self, authorization: bytes | None) -> str:
+        """
+        The upstream key for a request with this C{Authorization} value
+        (checked when its headers arrive, before its body is read).
+
+        @raise ProxyError: 401 or 403, as L{KeyPolicy.upstream_key}.
+        """
+        return self._keys.upstream_key(authorization)
+
     async def forward(self, exchange: Exchange) -> None:
         """
         Check the request's key, send it upstream and relay the answer;
@@ -68,7 +77,10 @@ class Forwarder:
         """
         request = exchange.request
         try:
-            key = self._keys.upstream_key(request.getHeader(b"authorization"))
+            # Checked already when the headers came in (ProxySite.screen).
+            key: str | None = getattr(request, "upstream_key", None)
+            if key is None:
+                key = self._keys.upstream_key(request.getHeader(b"authorization"))
             body, fields = request_body(
                 exchange, self._moderation, log_bodies=self._log_bodies
             )

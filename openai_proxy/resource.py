@@ -65,10 +65,31 @@ class ProxyResource(Resource):
         self._readiness = readiness
         self._metrics_resource = metrics_resource
 
+    def authorize(
+        self, method: bytes, path: bytes, authorization: bytes | None
+    ) -> str | None:
+        """
+        The early key check (see L{openai_proxy.server.Authorize}): L{None}
+        for the paths this resource answers itself, else the upstream key
+        for C{authorization}.
+
+        @raise ProxyError: 401 or 403 when the key is missing or wrong.
+        """
+        if (
+            method == b"OPTIONS"
+            or not path.startswith(b"/")
+            or path in (b"/healthz", b"/readyz")
+            or (path == b"/metrics" and self._metrics_resource is not None)
+        ):
+            return None
+        return self._forwarder.authorize(authorization)
+
     def render(self, request: Request) -> bytes | int:
         self._drain.track(request)
         request.setHeader(b"x-proxy-request-id", new_request_id().encode("ascii"))
-        self._cors.apply(request)
+        # Metrics are for the operator's scraper, never for a web page's script.
+        if not (request.path == b"/metrics" and self._metrics_resource is not None):
+            self._cors.apply(request)
         handle = self._metrics.request_started(
             request.method, route_family(request.path)
         )
@@ -76,6 +97,10 @@ class ProxyResource(Resource):
         request.notifyFinish().addBoth(self._finished, exchange)
         if not request.uri.startswith(b"/"):
             write_error(request, errors.ABSOLUTE_URI)
+            return NOT_DONE_YET
+        early: ProxyError | None = getattr(request, "early_error", None)
+        if early is not None:  # found by the site when the headers came in
+            write_error(request, early)
             return NOT_DONE_YET
         if request.method == b"OPTIONS":
             return self._cors.preflight(request)

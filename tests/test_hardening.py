@@ -6,6 +6,7 @@ loopback proxy, with fakes that misbehave on purpose.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet import reactor
@@ -14,7 +15,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.fake_upstream import Script
 from tests.harness import AUTH, RelayTestCase
-from tests.rawhttp import Collector, connect
+from tests.rawhttp import Collector, connect, raw_request
 from tests.test_operations import ERRORS, HANGUPS, REQUESTS, parse_samples, series
 
 _CHUNK = b"x" * 65536
@@ -178,3 +179,202 @@ class ResponseHeaderTests(RelayTestCase):
         await response.content()
         self.assertIsNone(response.headers.getRawHeaders(b"x-hop-secret"))
         self.assertEqual(response.headers.getRawHeaders(b"x-end-to-end"), [b"kept"])
+
+
+def _status(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1])
+
+
+def _code(raw: bytes) -> str:
+    code: str = json.loads(raw.split(b"\r\n\r\n", 1)[1])["error"]["code"]
+    return code
+
+
+class HeaderDeadlineTests(RelayTestCase):
+    """Item 6: a request's head must arrive within HEADER_TIMEOUT, however it trickles."""
+
+    env = {"HEADER_TIMEOUT": "400"}
+
+    async def test_trickled_headers_are_cut_off_at_the_deadline_with_408(
+        self,
+    ) -> None:
+        proto = await connect(self.proxy.port.getHost().port)
+        assert proto.transport is not None
+        proto.transport.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+        lines = iter([b"X-A: 1\r\n"] * 100)
+
+        def trickle() -> None:
+            # One header line every 100 ms: each byte would restart an idle timer.
+            if proto.done.called or proto.transport is None:
+                return
+            proto.transport.write(next(lines))
+            calls.append(reactor.callLater(0.1, trickle))
+
+        calls = [reactor.callLater(0.1, trickle)]
+        self.addCleanup(lambda: [c.cancel() for c in calls if c.active()])
+        raw = await proto.done
+        self.assertEqual(_status(raw), 408)
+        self.assertEqual(_code(raw), "request_timeout")
+        self.assertEqual(self.fake.received, [])
+
+    async def test_silent_connection_is_closed_at_the_deadline(self) -> None:
+        proto = await connect(self.proxy.port.getHost().port)
+        self.assertEqual(await proto.done, b"")
+
+    async def test_keep_alive_connection_serves_a_second_request_after_a_pause(
+        self,
+    ) -> None:
+        proto = await connect(self.proxy.port.getHost().port)
+        assert proto.transport is not None
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        proto.transport.write(request)
+        await proto.first
+        # Idle between requests for longer than the header deadline.
+        await deferLater(reactor, 0.6, lambda: None)
+        proto.transport.write(request[:-2] + b"Connection: close\r\n\r\n")
+        raw = await proto.done
+        self.assertEqual(raw.count(b"HTTP/1.1 200 OK"), 2)
+
+
+class OversizedHeadTests(RelayTestCase):
+    """Item 11: oversized request lines and headers get a status before the close."""
+
+    async def test_long_request_line_is_414(self) -> None:
+        raw = await raw_request(
+            self.proxy.port.getHost().port,
+            b"GET /v1/models?" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        self.assertEqual(_status(raw), 414)
+        self.assertEqual(_code(raw), "request_uri_too_long")
+
+    async def test_one_huge_header_is_431(self) -> None:
+        raw = await raw_request(
+            self.proxy.port.getHost().port,
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: "
+            + b"a" * 20000
+            + b"\r\n\r\n",
+        )
+        self.assertEqual(_status(raw), 431)
+        self.assertEqual(_code(raw), "request_headers_too_large")
+
+    async def test_many_headers_adding_up_past_16kb_are_431(self) -> None:
+        raw = await raw_request(
+            self.proxy.port.getHost().port,
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 1000) for i in range(20))
+            + b"\r\n",
+        )
+        self.assertEqual(_status(raw), 431)
+        self.assertEqual(self.fake.received, [])
+
+
+class EarlyKeyCheckTests(RelayTestCase):
+    """Item 8: no key, no body read, no 100 Continue."""
+
+    env = {"PROXY_KEY": "pk-right-proxy-key-0001", "OPENAI_KEY": "sk-server-key-abcdef"}
+
+    async def test_wrong_key_with_expect_gets_403_and_no_100_continue(self) -> None:
+        raw = await raw_request(
+            self.proxy.port.getHost().port,
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Length: 40000000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        self.assertNotIn(b"100 Continue", raw)
+        self.assertEqual(_status(raw), 403)
+        self.assertEqual(_code(raw), "invalid_proxy_key")
+
+    async def test_no_key_is_401_before_a_big_body_is_sent(self) -> None:
+        proto = await connect(self.proxy.port.getHost().port)
+        assert proto.transport is not None
+        proto.transport.write(
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 40000000\r\n\r\n"
+        )
+        await proto.first  # answered with no byte of the body sent
+        proto.transport.write(b"x" * 2_000_000)  # then the client sends anyway
+        raw = await proto.done  # and is cut off, not read to the end
+        self.assertEqual(_status(raw), 401)
+        self.assertEqual(_code(raw), "missing_api_key")
+        self.assertIn(b"Connection: close", raw)
+        self.assertEqual(self.fake.received, [])
+
+    async def test_right_key_with_expect_gets_100_continue_and_is_relayed(
+        self,
+    ) -> None:
+        proto = await connect(self.proxy.port.getHost().port)
+        assert proto.transport is not None
+        proto.transport.write(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer pk-right-proxy-key-0001\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\nExpect: 100-continue\r\n\r\n"
+        )
+        await proto.first
+        self.assertTrue(bytes(proto.data).startswith(b"HTTP/1.1 100 Continue"))
+        proto.transport.write(b"{}")
+        raw = await proto.done
+        self.assertIn(b"HTTP/1.1 200 OK", raw)
+        [received] = self.fake.received
+        self.assertEqual(
+            received.header(b"authorization"), b"Bearer sk-server-key-abcdef"
+        )
+
+    async def test_own_paths_need_no_key(self) -> None:
+        raw = await raw_request(
+            self.proxy.port.getHost().port,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        self.assertEqual(_status(raw), 200)
+
+
+class DuplicateHeaderTests(RelayTestCase):
+    """Item 12: ambiguous Authorization or Host headers are refused."""
+
+    env = {"PROXY_KEY": "pk-right-proxy-key-0001", "OPENAI_KEY": "sk-server-key-abcdef"}
+
+    async def test_two_authorization_headers_are_400_even_bad_then_good(
+        self,
+    ) -> None:
+        raw = await raw_request(
+            self.proxy.port.getHost().port,
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bad\r\n"
+            b"Authorization: Bearer pk-right-proxy-key-0001\r\nConnection: close\r\n\r\n",
+        )
+        self.assertEqual(_status(raw), 400)
+        self.assertEqual(_code(raw), "duplicate_authorization")
+        self.assertEqual(self.fake.received, [])
+
+    async def test_missing_host_is_400(self) -> None:
+        raw = await raw_request(
+            self.proxy.port.getHost().port,
+            b"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer pk-right-proxy-key-0001\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+        self.assertEqual(_status(raw), 400)
+        self.assertEqual(_code(raw), "invalid_host_header")
+
+    async def test_two_host_headers_are_400(self) -> None:
+        raw = await raw_request(
+            self.proxy.port.getHost().port,
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: a\r\nHost: b\r\n"
+            b"Authorization: Bearer pk-right-proxy-key-0001\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+        )
+        self.assertEqual(_status(raw), 400)
+        self.assertEqual(self.fake.received, [])
+
+
+class MetricsCORSTests(RelayTestCase):
+    """Item 13: a web page's script may not read /metrics."""
+
+    async def test_metrics_has_no_cors_header_while_the_api_does(self) -> None:
+        headers = {"Origin": "https://evil.example"}
+        metrics = await self.http.get(self.url("/metrics"), headers=headers)
+        await metrics.content()
+        self.assertEqual(metrics.code, 200)
+        self.assertIsNone(metrics.headers.getRawHeaders(b"access-control-allow-origin"))
+        api = await self.http.get(self.url("/v1/models"), headers={**headers, **AUTH})
+        await api.content()
+        self.assertEqual(
+            api.headers.getRawHeaders(b"access-control-allow-origin"), [b"*"]
+        )

@@ -8,11 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import GzipDecoder
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 
@@ -27,10 +28,12 @@ from openai_proxy.metrics import Metrics
 from openai_proxy.moderation import Moderation, Plan
 from openai_proxy.relay import BodyRelay, UpstreamTimeout
 from openai_proxy.sse import format_event
-from openai_proxy.upstream import Upstreams
+from openai_proxy.upstream import RelayClient, Upstreams
 
 _log = Logger()
 _SSE = b"text/event-stream"
+# A body the proxy reads reaches the client decoded, in its own framing.
+_READ_RESPONSE_DROPPED = RESPONSE_DROPPED | {b"content-encoding"}
 
 # So that headers the upstream's Connection header names can be dropped.
 hop.install()
@@ -46,7 +49,7 @@ class Forwarder:
         self,
         config: Config,
         reactor: IReactorTime,
-        client: HTTPClient,
+        client: RelayClient,
         *,
         moderation: Moderation,
         metrics: Metrics,
@@ -89,7 +92,7 @@ class Forwarder:
                 plan = self._moderation.plan(request.path, fields)
                 if fields is not None:
                     await self._moderation.check_input(request.path, fields, key)
-            response = await self._send(exchange, key, body)
+            response = await self._send(exchange, key, body, plan is not None)
         except ProxyError as e:  # moderation's refusals included
             exchange.fail(e)
             return
@@ -98,8 +101,13 @@ class Forwarder:
         await self._respond(exchange, response, plan, key)
 
     async def _send(
-        self, exchange: Exchange, key: str, body: IBodyProducer | None
+        self, exchange: Exchange, key: str, body: IBodyProducer | None, read: bool
     ) -> IResponse | None:
+        """
+        Send the request upstream; fire with the response at its headers, or
+        with L{None} if the client left.  C{read}: the proxy will read the
+        response body (to moderate it), so asks for it uncompressed.
+        """
         request = exchange.request
         if exchange.gone:
             return None  # left while its input was being moderated
@@ -108,18 +116,14 @@ class Forwarder:
         headers = Headers()
         copy_headers(request.requestHeaders, REQUEST_DROPPED, headers)
         headers.setRawHeaders(b"authorization", [b"Bearer " + key.encode("ascii")])
+        if read:
+            headers.setRawHeaders(b"accept-encoding", [b"identity"])
         try:
-            url = Upstreams.url(base, request.uri).decode("ascii")
-        except (ValueError, UnicodeDecodeError):
+            url = Upstreams.url(base, request.uri)
+        except ValueError:
             raise errors.ABSOLUTE_URI from None
-        d: Deferred[Any] = self._client.request(
-            request.method.decode("ascii"),
-            url,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            unbuffered=True,
-            timeout=self._timeout,
+        d: Deferred[Any] = self._client.relay(
+            request.method, url, headers, body, self._timeout
         )
         exchange.pending = d
         sent = self._reactor.seconds()
@@ -146,21 +150,39 @@ class Forwarder:
         self, exchange: Exchange, response: IResponse, plan: Plan | None, key: str
     ) -> None:
         request = exchange.request
-        request.setResponseCode(response.code, response.phrase)
-        copy_headers(response.headers, RESPONSE_DROPPED, request.responseHeaders)
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         sse = ctype.startswith(_SSE)
+        # What the upstream sent decides how it is moderated, not what the
+        # request asked for: a reply is never relayed unchecked by surprise.
+        moderated = plan is not None and response.code == 200
+        read = moderated and (sse or b"json" in ctype)
+        encodings = response.headers.getRawHeaders(b"content-encoding")
+        if read and encodings:
+            # Asked for identity, the upstream compressed anyway.
+            if [e.strip().lower() for e in encodings] not in ([b"gzip"], [b"x-gzip"]):
+                _discard(response)
+                exchange.fail(errors.UPSTREAM_FAILED)
+                return
+            response = GzipDecoder(response)
+        request.setResponseCode(response.code, response.phrase)
+        copy_headers(
+            response.headers,
+            _READ_RESPONSE_DROPPED if read else RESPONSE_DROPPED,
+            request.responseHeaders,
+        )
         if sse:
             request.setHeader(b"cache-control", b"no-cache")
             request.setHeader(b"x-accel-buffering", b"no")
             exchange.metrics.stream_started()
-        # What the upstream sent decides how it is moderated, not what the
-        # request asked for: a reply is never relayed unchecked by surprise.
-        if plan is not None and response.code == 200 and sse:
+        if read and sse:
+            assert plan is not None
             await self._relay_moderated_stream(exchange, response, plan, key)
-        elif plan is not None and response.code == 200 and b"json" in ctype:
+        elif read:
+            assert plan is not None
             await self._relay_moderated_body(exchange, response, plan, key)
         else:
+            # Relayed as sent: a compressed body keeps its Content-Encoding
+            # and its length.
             if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
                 request.setHeader(b"content-length", b"%d" % response.length)
             broken = await self._deliver(exchange, response, exchange.write)
@@ -244,3 +266,15 @@ class Forwarder:
         request.setHeader(b"x-moderation", b"blocked" if blocked else b"pass")
         request.setHeader(b"content-length", b"%d" % len(body))
         exchange.write(body)
+
+
+class _Discard(Protocol):
+    """Takes a response body only to close the connection it would come on."""
+
+    def connectionMade(self) -> None:
+        # The transport of a response body is an IPushProducer too.
+        IPushProducer(self.transport).stopProducing()
+
+
+def _discard(response: IResponse) -> None:
+    response.deliverBody(_Discard())

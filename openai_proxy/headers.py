@@ -28,15 +28,15 @@ _HOP_BY_HOP = frozenset(
 )
 
 #: Never sent upstream: the proxy sets its own C{Host} (from the upstream
-#: URL), C{Authorization} and body framing; the client's cookies, forwarding
-#: hints and accepted encodings are not the upstream's business.
+#: URL), C{Authorization} and body framing; the client's cookies and
+#: forwarding hints are not the upstream's business.  C{Accept-Encoding}
+#: passes: the body comes back as the upstream sent it.
 REQUEST_DROPPED = _HOP_BY_HOP | {
     b"host",
     b"authorization",
     b"cookie",
     b"cookie2",
     b"content-length",
-    b"accept-encoding",
     b"expect",
     b"forwarded",
     b"x-forwarded-for",
@@ -48,13 +48,14 @@ REQUEST_DROPPED = _HOP_BY_HOP | {
 #: Never sent to the client: the upstream's cookies, its CORS answer (the
 #: proxy gives its own), the proxy's own request id (which an upstream must
 #: not forge), and headers twisted.web writes itself or that describe the
-#: upstream's framing rather than the body the client gets.
+#: upstream's framing (the proxy sets C{Content-Length} from the body it
+#: relays).  C{Content-Encoding} passes: an unread body is relayed as the
+#: upstream encoded it.
 RESPONSE_DROPPED = _HOP_BY_HOP | {
     b"x-proxy-request-id",
     b"set-cookie",
     b"set-cookie2",
     b"content-length",
-    b"content-encoding",
     b"date",
     b"server",
     b"access-control-allow-origin",

@@ -6,7 +6,6 @@ and counts each request when it ends.
 
 from __future__ import annotations
 
-from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -25,6 +24,7 @@ from openai_proxy.forward import Forwarder
 from openai_proxy.logs import new_request_id
 from openai_proxy.metrics import Metrics, route_family
 from openai_proxy.moderation import Moderation
+from openai_proxy.upstream import RelayClient
 
 _log = Logger()
 
@@ -46,7 +46,7 @@ class ProxyResource(Resource):
         self,
         config: Config,
         reactor: IReactorTime,
-        client: HTTPClient,
+        client: RelayClient,
         *,
         moderation: Moderation,
         metrics: Metrics,

@@ -6,19 +6,42 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from http.cookiejar import CookieJar
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import treq.client
+from hyperlink import EncodedURL
 from treq.cookies import IndexableCookieJar
+from treq.response import _Response
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
 _DOT_SEGMENTS = frozenset({b".", b".."})
 # RFC 3986: no whitespace, control or non-ASCII bytes, and a request target
 # carries no fragment.
 _NOT_IN_TARGETS = re.compile(rb"[\x00-\x20\x7f-\xff#]")
+# The printable bytes hyperlink's to_uri() (what treq.HTTPClient.request
+# applies to every URL) percent-encodes in a path or query; encoding them
+# here sends the upstream the bytes it got when treq did it.
+_TO_URI_ENCODES = re.compile(rb'["<>\[\\\]^`{|}]')
+
+
+def _percent_encode(match: re.Match[bytes]) -> bytes:
+    return b"%%%02X" % match.group()[0]
+
+
+def _as_uri(base: str) -> bytes:
+    """
+    C{base} as treq would send it (lower-case host, default port dropped,
+    IDNA): done once per upstream instead of once per request.
+    """
+    try:
+        return EncodedURL.from_text(base).to_uri().to_text().encode("ascii")
+    except Exception:  # hyperlink cannot encode every host (IPv6 literals)
+        return base.encode("ascii")
 
 
 class _NoCookies(IndexableCookieJar):
@@ -45,11 +68,15 @@ class Upstreams:
     """
 
     def __init__(self, default: str, routes: Sequence[tuple[str, str]] = ()) -> None:
-        self._default = default.encode("ascii")
+        self._default = _as_uri(default)
         # Longest prefix first, so "fk-x" can be routed apart from "fk".
         self._routes = sorted(
-            ((p, u.encode("ascii")) for p, u in routes), key=lambda r: -len(r[0])
+            ((p, _as_uri(u)) for p, u in routes), key=lambda r: -len(r[0])
         )
+        self._hosts = {
+            base: urlsplit(base.decode("ascii")).netloc
+            for base in [self._default, *(u for _, u in self._routes)]
+        }
 
     def base_for(self, upstream_key: str) -> bytes:
         """The base URL (no trailing slash) a request sent with this key goes to."""
@@ -67,6 +94,9 @@ class Upstreams:
         percent-encoded), which could climb out of the base URL's path prefix,
         nor may it hold spaces, control or non-ASCII bytes, or a fragment.
 
+        The URL comes out as treq's own C{to_uri()} would have made it, so it
+        can go to L{RelayClient.relay} unchanged.
+
         @raise ValueError: for a target that breaks either rule.
         """
         if not target.startswith(b"/"):
@@ -77,12 +107,18 @@ class Upstreams:
         suspect = b"." in path or b"%2e" in path.lower()
         if suspect and _DOT_SEGMENTS & set(unquote_to_bytes(path).split(b"/")):
             raise ValueError("request target must not hold dot segments")
+        if _TO_URI_ENCODES.search(target):
+            target = _TO_URI_ENCODES.sub(_percent_encode, target)
+        if target.endswith(b"?") and target.find(b"?") == len(target) - 1:
+            target = target[:-1]  # hyperlink drops an empty query
         return base + target
 
-    @staticmethod
-    def host_of(base: bytes) -> str:
-        """The host[:port] of a base URL, for logs."""
-        return urlsplit(base.decode("ascii")).netloc
+    def host_of(self, base: bytes) -> str:
+        """The host[:port] of a base URL from L{base_for}, for logs."""
+        host = self._hosts.get(base)
+        if host is None:
+            host = urlsplit(base.decode("ascii")).netloc
+        return host
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -101,13 +137,58 @@ def make_pool(reactor: Any, max_persistent_per_host: int = 64) -> HTTPConnection
     return pool
 
 
-def make_client(
-    reactor: IReactorTime, pool: HTTPConnectionPool
-) -> treq.client.HTTPClient:
+class RelayClient(treq.client.HTTPClient):
     """
-    A treq client over C{pool} that stores no cookies.  Callers pass
-    C{allow_redirects=False}: a redirect must reach the client, not be
+    treq's client, plus L{relay}: a request with none of the layers a relay
+    has no use for.
+
+    C{request} and its shortcuts behave as in treq (they never store a
+    cookie).  L{relay} relies on treq internals (the C{_agent} and
+    C{_cookiejar} attributes, C{treq.response._Response}); setup.cfg pins
+    the treq versions it was tested with.
+    """
+
+    def __init__(self, agent: IAgent, reactor: IReactorTime) -> None:
+        super().__init__(agent, cookiejar=_NoCookies())
+        self._reactor = reactor
+
+    def relay(
+        self,
+        method: bytes,
+        url: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+        timeout: float | None = None,
+    ) -> Deferred[IResponse]:
+        """
+        Send one request as it is, and fire with the response at its headers
+        (the body streams, through C{deliverBody}).
+
+        Unlike C{request}: C{url} goes out as given (make it with
+        L{Upstreams.url}, which encodes what treq would have); no cookie is
+        added or kept; redirects are never followed; no C{Accept-Encoding}
+        is added and a compressed body stays compressed, C{Content-Encoding}
+        and all; C{headers} is sent as given and may be changed by the
+        agent.  C{timeout} seconds without response headers cancel the
+        request, as in treq.
+        """
+        d: Deferred[IResponse] = self._agent.request(method.upper(), url, headers, body)
+        if timeout:
+            call = self._reactor.callLater(timeout, d.cancel)
+
+            def headers_came(result: object) -> object:
+                if call.active():
+                    call.cancel()
+                return result
+
+            d.addBoth(headers_came)
+        return d.addCallback(_Response, self._cookiejar)
+
+
+def make_client(reactor: IReactorTime, pool: HTTPConnectionPool) -> RelayClient:
+    """
+    A client over C{pool} that stores no cookies.  Callers of C{request}
+    pass C{allow_redirects=False}: a redirect must reach the client, not be
     followed to a host nobody configured.
     """
-    jar: CookieJar = _NoCookies()
-    return treq.client.HTTPClient(Agent(reactor, pool=pool), cookiejar=jar)  # type: ignore[arg-type]
+    return RelayClient(Agent(reactor, pool=pool), reactor)

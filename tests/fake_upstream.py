@@ -7,6 +7,7 @@ request it received, and can be told to stream slowly, fail, stall or hang up.
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from collections.abc import Callable
@@ -109,6 +110,7 @@ class Script:
     hang_up_after: int | None = None  # send this many events, then drop the connection
     stall: bool = False  # never answer at all
     chunks: list[bytes] | None = None  # a non-SSE body, written in these pieces
+    gzip: bool = False  # gzip C{body}, even if the request did not ask for it
 
 
 class FakeOpenAI(Resource):
@@ -124,6 +126,10 @@ class FakeOpenAI(Resource):
         self._calls: list[IDelayedCall] = []
         self._open: list[Request] = []
         self.sent_bytes = [0]  # body bytes handed to the transport so far
+        #: Gzip whole JSON bodies for requests whose Accept-Encoding allows
+        #: it, as the real API does; C{last_body} is the last one, as sent.
+        self.gzip_when_asked = False
+        self.last_body = b""
 
     # -- plumbing -----------------------------------------------------------
 
@@ -169,8 +175,17 @@ class FakeOpenAI(Resource):
         request.setHeader(b"openai-processing-ms", b"7")
         self._track_close(request)
         if self.script is not None:
-            return self._scripted(request, self.script)
-        return self._default(request, body)
+            answer = self._scripted(request, self.script)
+        else:
+            answer = self._default(request, body)
+        if isinstance(answer, bytes):
+            accepts = request.getHeader(b"accept-encoding") or b""
+            encoded = request.responseHeaders.hasHeader(b"content-encoding")
+            if self.gzip_when_asked and b"gzip" in accepts and answer and not encoded:
+                answer = gzip.compress(answer, mtime=0)
+                request.setHeader(b"content-encoding", b"gzip")
+            self.last_body = answer
+        return answer
 
     def _default(self, request: Request, body: bytes) -> bytes | int:
         path = request.path
@@ -267,6 +282,9 @@ class FakeOpenAI(Resource):
             return self._chunked(request, script.chunks, script)
         if not request.responseHeaders.hasHeader(b"content-type"):
             request.setHeader(b"content-type", b"application/json")
+        if script.gzip:
+            request.setHeader(b"content-encoding", b"gzip")
+            return gzip.compress(script.body or b"", mtime=0)
         return script.body or b""
 
     def _chunked(

@@ -13,7 +13,6 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import GzipDecoder
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 
@@ -21,6 +20,7 @@ from openai_proxy import errors, hop
 from openai_proxy.auth import KeyPolicy
 from openai_proxy.bodies import request_body
 from openai_proxy.config import Config
+from openai_proxy.decoding import ENCODINGS, DecodedResponse
 from openai_proxy.errors import ProxyError
 from openai_proxy.exchange import ERROR_KINDS, Exchange, upstream_error
 from openai_proxy.headers import REQUEST_DROPPED, RESPONSE_DROPPED, copy_headers
@@ -60,6 +60,7 @@ class Forwarder:
         self._upstreams = Upstreams(config.upstream, config.routes)
         self._timeout = config.timeout
         self._send_timeout = config.send_timeout
+        self._max_decoded = config.max_decoded_body
         self._log_bodies = config.log_bodies
         self._moderation = moderation
         self._metrics = metrics
@@ -158,12 +159,23 @@ class Forwarder:
         read = moderated and (sse or b"json" in ctype)
         encodings = response.headers.getRawHeaders(b"content-encoding")
         if read and encodings:
-            # Asked for identity, the upstream compressed anyway.
-            if [e.strip().lower() for e in encodings] not in ([b"gzip"], [b"x-gzip"]):
+            # Asked for identity, the upstream compressed anyway: decoded
+            # strictly and within MAX_DECODED_BODY, or refused.
+            if len(encodings) != 1 or b"," in encodings[0]:
+                encoding = b"(several)"
+            else:
+                encoding = encodings[0].strip().lower()
+            if encoding not in ENCODINGS:
                 _discard(response)
+                self._metrics.upstream_error(ERROR_KINDS[errors.UPSTREAM_FAILED.code])
+                _log.info(
+                    "upstream {host} sent an encoding it was not asked for: {encoding}",
+                    host=exchange.upstream_host,
+                    encoding=encoding.decode("ascii", "replace"),
+                )
                 exchange.fail(errors.UPSTREAM_FAILED)
                 return
-            response = GzipDecoder(response)
+            response = DecodedResponse(response, encoding, self._max_decoded)
         request.setResponseCode(response.code, response.phrase)
         copy_headers(
             response.headers,

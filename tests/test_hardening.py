@@ -6,6 +6,7 @@ loopback proxy, with fakes that misbehave on purpose.
 
 from __future__ import annotations
 
+import gzip
 import json
 from typing import Any
 
@@ -13,8 +14,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tests.fake_upstream import Script
-from tests.harness import AUTH, RelayTestCase
+from tests.fake_upstream import Script, chat_completion, chat_stream
+from tests.harness import AUTH, ModeratedRelayTestCase, RelayTestCase
 from tests.rawhttp import Collector, connect, raw_request
 from tests.test_operations import ERRORS, HANGUPS, REQUESTS, parse_samples, series
 
@@ -378,3 +379,76 @@ class MetricsCORSTests(RelayTestCase):
         self.assertEqual(
             api.headers.getRawHeaders(b"access-control-allow-origin"), [b"*"]
         )
+
+
+class CompressedModeratedResponseTests(ModeratedRelayTestCase, _ScrapingTest):
+    """Items 2 and 7: a compressed body the proxy must read is decoded strictly."""
+
+    moderation_env = {"MAX_DECODED_BODY": "1000000"}
+
+    async def moderated(self, stream: bool = False) -> tuple[int, bytes]:
+        response = await self.post_json(
+            "/v1/chat/completions",
+            {"model": "m", "messages": [], "moderation": True, "stream": stream},
+        )
+        return response.code, await response.content()
+
+    def gzipped(self, body: bytes, ctype: bytes = b"application/json") -> Script:
+        return Script(
+            headers={b"content-type": [ctype], b"content-encoding": [b"gzip"]},
+            body=body,
+        )
+
+    async def assert_upstream_error(self, before: dict[str, float]) -> None:
+        after = await self.scrape()
+        reset = series(ERRORS, kind="reset")
+        self.assertEqual(after.get(reset, 0) - before.get(reset, 0), 1)
+
+    async def test_corrupt_gzip_is_a_502_logged_and_counted(self) -> None:
+        packed = bytearray(
+            gzip.compress(json.dumps(chat_completion("hello")).encode(), mtime=0)
+        )
+        packed[20] ^= 0xFF
+        self.fake.script = self.gzipped(bytes(packed))
+        before = await self.scrape()
+        lines = capture_logs(self)
+        code, body = await self.moderated()
+        self.assertEqual(code, 502)
+        self.assertEqual(json.loads(body)["error"]["code"], "upstream_error")
+        self.assertTrue([line for line in lines if "corrupt" in line])
+        await self.assert_upstream_error(before)
+
+    async def test_truncated_gzip_is_a_502(self) -> None:
+        packed = gzip.compress(
+            json.dumps(chat_completion("hello " * 500)).encode(), mtime=0
+        )
+        self.fake.script = self.gzipped(packed[:20])
+        before = await self.scrape()
+        code, body = await self.moderated()
+        self.assertEqual(code, 502)
+        self.assertEqual(json.loads(body)["error"]["code"], "upstream_error")
+        await self.assert_upstream_error(before)
+
+    async def test_gzip_bomb_is_capped_at_max_decoded_body(self) -> None:
+        bomb = gzip.compress(b" " * 50_000_000, mtime=0)
+        self.fake.script = self.gzipped(bomb)
+        lines = capture_logs(self)
+        code, body = await self.moderated()
+        self.assertEqual(code, 502)
+        self.assertTrue([line for line in lines if "more than 1000000" in line])
+
+    async def test_truncated_gzip_stream_ends_with_an_error_event(self) -> None:
+        events = b"".join(chat_stream(["Hello there. "] * 50))
+        packed = gzip.compress(events, mtime=0)
+        self.fake.script = Script(
+            headers={
+                b"content-type": [b"text/event-stream"],
+                b"content-encoding": [b"gzip"],
+            },
+            chunks=[packed[: len(packed) - 8]],  # no trailer: CRC and size missing
+        )
+        code, body = await self.moderated(stream=True)
+        self.assertEqual(code, 200)
+        self.assertTrue(body.endswith(b"\n\n"))
+        self.assertIn(b"event: error\ndata: ", body)
+        self.assertIn(b"upstream_error", body)

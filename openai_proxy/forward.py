@@ -18,7 +18,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 
 from openai_proxy import errors, hop
 from openai_proxy.auth import KeyPolicy
-from openai_proxy.bodies import request_body
+from openai_proxy.bodies import ClientGone, request_body
 from openai_proxy.config import Config
 from openai_proxy.decoding import ENCODINGS, DecodedResponse
 from openai_proxy.errors import ProxyError
@@ -61,6 +61,7 @@ class Forwarder:
         self._timeout = config.timeout
         self._send_timeout = config.send_timeout
         self._max_decoded = config.max_decoded_body
+        self._max_parsed = config.max_moderated_body
         self._log_bodies = config.log_bodies
         self._moderation = moderation
         self._metrics = metrics
@@ -85,8 +86,11 @@ class Forwarder:
             key: str | None = getattr(request, "upstream_key", None)
             if key is None:
                 key = self._keys.upstream_key(request.getHeader(b"authorization"))
-            body, fields = request_body(
-                exchange, self._moderation, log_bodies=self._log_bodies
+            body, fields = await request_body(
+                exchange,
+                self._moderation,
+                log_bodies=self._log_bodies,
+                max_parsed=self._max_parsed,
             )
             plan = None
             if request.method == b"POST":
@@ -96,6 +100,8 @@ class Forwarder:
             response = await self._send(exchange, key, body, plan is not None)
         except ProxyError as e:  # moderation's refusals included
             exchange.fail(e)
+            return
+        except ClientGone:
             return
         if response is None:
             return

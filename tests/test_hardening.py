@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
+from openai_proxy import bodies
 from tests.fake_upstream import Script, chat_completion, chat_stream
-from tests.harness import AUTH, ModeratedRelayTestCase, RelayTestCase
+from tests.harness import AUTH, JSON, ModeratedRelayTestCase, RelayTestCase
 from tests.rawhttp import Collector, connect, raw_request
 from tests.test_operations import ERRORS, HANGUPS, REQUESTS, parse_samples, series
 
@@ -452,3 +454,88 @@ class CompressedModeratedResponseTests(ModeratedRelayTestCase, _ScrapingTest):
         self.assertTrue(body.endswith(b"\n\n"))
         self.assertIn(b"event: error\ndata: ", body)
         self.assertIn(b"upstream_error", body)
+
+
+class LargeJSONBodyTests(RelayTestCase):
+    """Item 9: big JSON bodies are streamed, parsed off the reactor, or refused."""
+
+    env = {"MAX_MODERATED_BODY": "300000"}
+
+    def record_parses(self) -> list[threading.Thread]:
+        threads: list[threading.Thread] = []
+        original = bodies._parsed_raw
+
+        def parsed_raw(raw: bytes) -> Any:
+            threads.append(threading.current_thread())
+            return original(raw)
+
+        self.patch(bodies, "_parsed_raw", parsed_raw)
+        return threads
+
+    async def test_large_body_with_local_fields_is_parsed_in_a_thread(self) -> None:
+        threads = self.record_parses()
+        payload = {"model": "m", "input": "w " * 100_000, "moderation": False}
+        response = await self.post_json("/v1/embeddings", payload)
+        await response.content()
+        self.assertEqual(response.code, 200)
+        del payload["moderation"]
+        self.assertEqual(self.fake.received[-1].json(), payload)
+        self.assertEqual(len(threads), 1)
+        self.assertIsNot(threads[0], threading.main_thread())
+
+    async def test_large_body_without_local_fields_streams_unparsed(self) -> None:
+        threads = self.record_parses()
+        raw = json.dumps({"model": "m", "input": ["x" * 1000] * 2000}).encode()
+        response = await self.http.post(
+            self.url("/v1/embeddings"), raw, headers={**AUTH, **JSON}
+        )
+        await response.content()
+        self.assertEqual(self.fake.received[-1].body, raw)
+        self.assertEqual(threads, [])
+
+    async def test_marker_across_a_scan_boundary_is_found(self) -> None:
+        self.patch(bodies, "_SCAN_PIECE", 1000)
+        raw = b'{"input": "' + b"x" * 150_993 + b'", "moderation": false}'
+        response = await self.http.post(
+            self.url("/v1/embeddings"), raw, headers={**AUTH, **JSON}
+        )
+        await response.content()
+        self.assertEqual(self.fake.received[-1].json(), {"input": "x" * 150_993})
+
+    async def test_over_the_limit_on_another_path_is_relayed_as_sent(self) -> None:
+        raw = json.dumps({"input": "w " * 200_000, "moderation": False}).encode()
+        response = await self.http.post(
+            self.url("/v1/embeddings"), raw, headers={**AUTH, **JSON}
+        )
+        await response.content()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.fake.received[-1].body, raw)
+
+    async def test_over_the_limit_without_moderation_is_relayed_as_sent(
+        self,
+    ) -> None:
+        raw = json.dumps({"messages": ["w " * 200_000], "moderation": False}).encode()
+        response = await self.http.post(
+            self.url("/v1/chat/completions"), raw, headers={**AUTH, **JSON}
+        )
+        await response.content()
+        self.assertEqual(self.fake.received[-1].body, raw)
+
+
+class LargeModeratedJSONBodyTests(ModeratedRelayTestCase):
+    """Item 9: a JSON body too large to parse is refused where it is moderated."""
+
+    moderation_env = {"MAX_MODERATED_BODY": "300000"}
+
+    async def test_over_the_limit_on_a_moderated_path_is_413(self) -> None:
+        payload = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "w " * 200_000}],
+            "moderation": True,
+        }
+        response = await self.post_json("/v1/chat/completions", payload)
+        error = json.loads(await response.content())["error"]
+        self.assertEqual(response.code, 413)
+        self.assertEqual(error["code"], "request_too_large")
+        self.assertIn("MAX_MODERATED_BODY", error["message"])
+        self.assertEqual(self.fake.received, [])

@@ -135,6 +135,17 @@ class Moderation(Service):
         d = self._checker.verdict("ping", upstream_key)
         return d.addBoth(lambda _: None)
 
+    def moderates(self, path: bytes) -> bool:
+        """
+        Whether requests to C{path} may be moderated on this proxy: a
+        completion path, with a backend configured and C{MODERATION} not off.
+        """
+        return (
+            _kind(path) is not None
+            and self._checker is not None
+            and self.config.mode != "off"
+        )
+
     def reads(self, path: bytes) -> bool:
         """
         Whether a JSON request to C{path} must be parsed for moderation even

@@ -47,12 +47,25 @@ class DecoderTests(SynchronousTestCase):
             decode(b"gzip", [packed[:cut]])
 
     @given(st.binary(min_size=1, max_size=3000), st.data())
-    def test_a_changed_byte_is_corrupt(self, data: bytes, draw: st.DataObject) -> None:
+    def test_a_changed_byte_never_yields_other_data(
+        self, data: bytes, draw: st.DataObject
+    ) -> None:
         packed = bytearray(gzip.compress(data, mtime=0))
         # Past the 10-byte header (whose flags and mtime gzip may ignore).
         at = draw.draw(st.integers(min_value=10, max_value=len(packed) - 1))
         flip = draw.draw(st.integers(min_value=1, max_value=255))
         packed[at] ^= flip
+        try:
+            decoded = decode(b"gzip", [bytes(packed)])
+        except DecodeError:
+            return
+        # Only a change inflate ignores (the padding bits after the last
+        # block) may pass, and then the data is the same.
+        self.assertEqual(decoded, data)
+
+    def test_a_changed_checksum_is_corrupt(self) -> None:
+        packed = bytearray(gzip.compress(b"hello", mtime=0))
+        packed[-5] ^= 1  # the CRC-32's last byte
         with self.assertRaises(DecodeError):
             decode(b"gzip", [bytes(packed)])
 

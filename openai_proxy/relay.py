@@ -121,8 +121,8 @@ class BodyRelay(Protocol):
 
     def _client_paused(self) -> None:
         producer: Any = self.transport
-        if self._paused or producer is None:
-            return
+        if self._paused or producer is None or self.done.called:
+            return  # (once the body has ended there is nothing to pause)
         self._paused = True
         producer.pauseProducing()
         # Not the upstream's silence any more: the client's.
@@ -169,6 +169,7 @@ class BodyRelay(Protocol):
 
     def release(self) -> None:
         """Stop being the client's producer (before it finishes, or once it has gone)."""
+        self._cancel_send_timer()
         if self._registered:
             self._registered = False
             self._consumer.unregisterProducer()

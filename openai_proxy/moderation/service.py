@@ -221,6 +221,7 @@ class Plan:
         self.level = level
         self._checker = checker
         self._refusal = config.refusal_text
+        self._config = config
 
     def stops(self, text: str, upstream_key: str) -> Deferred[bool]:
         """Fire with whether C{text} must not reach the client (never errbacks)."""
@@ -239,6 +240,9 @@ class Plan:
             write,
             stop_upstream,
             self._refusal,
+            max_calls=self._config.max_calls,
+            max_event_calls=self._config.max_event_calls,
+            over_cap_stops=self._config.on_error == "block",
         )
 
     def moderate_body(

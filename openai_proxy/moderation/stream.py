@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openai_proxy.moderation.chunks import Key, StreamShape
@@ -40,6 +41,39 @@ class _Choice:
     sentences: deque[_Sentence] = field(default_factory=deque)
 
 
+#: An event that completes more sentences than this (a huge event, not a
+#: token) has them checked together, up to L{BATCH} characters a call (a
+#: backend's limit for one text); fewer are checked one by one, so a stop
+#: cuts the text at the sentence.
+BATCH_FROM = 8
+BATCH = 10_000
+
+_log = Logger()
+
+
+@dataclass
+class _Batch:
+    key: Key
+    text: str
+    sentences: list[_Sentence]
+    over_cap: bool = False  # not sent: counted as a moderation error
+
+
+def _batched(checks: list[tuple[Key, str, _Sentence]]) -> list[_Batch]:
+    """Join consecutive sentences of one choice into texts of at most L{BATCH}."""
+    if len(checks) <= BATCH_FROM:
+        return [_Batch(key, text, [sentence]) for key, text, sentence in checks]
+    batches: list[_Batch] = []
+    for key, text, sentence in checks:
+        last = batches[-1] if batches else None
+        if last is not None and last.key == key and len(last.text) + len(text) <= BATCH:
+            last.text += text
+            last.sentences.append(sentence)
+        else:
+            batches.append(_Batch(key, text, [sentence]))
+    return batches
+
+
 @dataclass
 class _Held:
     raw: bytes
@@ -59,6 +93,13 @@ class StreamModerator:
     then the text before it, then the shape's refusal events (refusal text,
     C{content_filter}, end of stream), and nothing else.
 
+    Sentences completed by one huge event are checked in batches
+    (L{BATCH_FROM}, L{BATCH}).
+    At most C{max_event_calls} calls are made for one event and
+    C{max_calls} for the whole stream; a batch past either cap is not sent
+    and counts as a failed call: stopped when C{over_cap_stops}
+    (C{MODERATION_ON_ERROR=block}), passed otherwise.
+
     @ivar blocked: whether a sentence was stopped.
     """
 
@@ -69,7 +110,16 @@ class StreamModerator:
         write: Callable[[bytes], None],
         stop_upstream: Callable[[], None],
         refusal_text: str,
+        *,
+        max_calls: int | None = None,
+        max_event_calls: int | None = None,
+        over_cap_stops: bool = True,
     ) -> None:
+        self._max_calls = max_calls
+        self._max_event_calls = max_event_calls
+        self._over_cap_stops = over_cap_stops
+        self._calls = 0
+        self._capped = False
         self._shape = shape
         self._check = check
         self._write = write
@@ -117,10 +167,11 @@ class StreamModerator:
         self._finish()
 
     def _take(self, events: list[SSEEvent], *, final: bool = False) -> None:
-        checks: list[tuple[Key, str, _Sentence]] = []
+        batches: list[_Batch] = []
         for event in events:
             found = self._shape.inspect(event)
             needs: list[tuple[Key, int, int]] = []
+            checks: list[tuple[Key, str, _Sentence]] = []
             for key, text in found.texts:
                 choice = self._choice(key)
                 choice.fed += len(text)
@@ -133,21 +184,44 @@ class StreamModerator:
             tails = list(self._choices) if found.all_finished else found.finished
             for key in tails:
                 self._flush(key, checks)
+            batches.extend(self._capped_batches(checks))
             self._held.append(_Held(event.raw, needs))
         if final:
+            checks = []
             for key in list(self._choices):
                 self._flush(key, checks)
+            batches.extend(self._capped_batches(checks))
         # Start the checks only now that every event is held: a backend that
         # answers at once then sees consistent state.
-        for key, text, sentence in checks:
+        for batch in batches:
             if self._done:
                 return
-            d = self._check(text)
+            if batch.over_cap:
+                d: Deferred[bool] = succeed(self._over_cap_stops)
+            else:
+                d = self._check(batch.text)
             self._inflight.add(d)
             d.addBoth(self._settled, d)
-            d.addCallback(self._answered, key, sentence)
+            d.addCallback(self._answered, batch.key, batch.sentences)
             d.addErrback(_ignore_cancelled)
         self._release()
+
+    def _capped_batches(self, checks: list[tuple[Key, str, _Sentence]]) -> list[_Batch]:
+        batches = _batched(checks)
+        for i, batch in enumerate(batches):
+            self._calls += 1
+            if (self._max_event_calls is not None and i >= self._max_event_calls) or (
+                self._max_calls is not None and self._calls > self._max_calls
+            ):
+                batch.over_cap = True
+                if not self._capped:
+                    self._capped = True
+                    _log.warn(
+                        "moderation call cap reached for a stream; the rest "
+                        "counts as a moderation error ({verdict})",
+                        verdict="block" if self._over_cap_stops else "pass",
+                    )
+        return batches
 
     def _settled(self, result: _T, d: Deferred[bool]) -> _T:
         self._inflight.discard(d)
@@ -184,10 +258,11 @@ class StreamModerator:
                 sentence.stopped = False
         self._advance(key, choice)
 
-    def _answered(self, stopped: bool, key: Key, sentence: _Sentence) -> None:
+    def _answered(self, stopped: bool, key: Key, sentences: list[_Sentence]) -> None:
         if self._done:
             return  # a late answer after a block or a hang-up: dropped
-        sentence.stopped = stopped
+        for sentence in sentences:
+            sentence.stopped = stopped
         choice = self._choices[key]
         self._advance(key, choice)
         self._release()

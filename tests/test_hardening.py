@@ -14,10 +14,11 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
 
-from openai_proxy import bodies
+from openai_proxy import bodies, logs
 from tests.fake_upstream import Script, chat_completion, chat_stream
-from tests.harness import AUTH, JSON, ModeratedRelayTestCase, RelayTestCase
+from tests.harness import AUTH, JSON, ModeratedRelayTestCase, Proxy, RelayTestCase
 from tests.rawhttp import Collector, connect, raw_request
 from tests.test_operations import ERRORS, HANGUPS, REQUESTS, parse_samples, series
 
@@ -539,3 +540,25 @@ class LargeModeratedJSONBodyTests(ModeratedRelayTestCase):
         self.assertEqual(error["code"], "request_too_large")
         self.assertIn("MAX_MODERATED_BODY", error["message"])
         self.assertEqual(self.fake.received, [])
+
+
+class ShortProxyKeyTests(TestCase):
+    """Item 14: a short proxy key is warned about (never printed) and redacted."""
+
+    def setUp(self) -> None:
+        self.patch(logs, "_registered", set())
+        self.patch(logs, "_pattern", logs._pattern)
+
+    async def test_short_proxy_key_warned_about_at_start_and_redacted(self) -> None:
+        lines = capture_logs(self)
+        env = {
+            "PROXY_KEY": "abc,long-enough-proxy-key-0001",
+            "OPENAI_KEY": "sk-s-1234567",
+        }
+        proxy = Proxy(self, env)
+        warnings = [line for line in lines if "shorter than 16" in line]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("1 of the proxy keys", warnings[0])
+        self.assertNotIn("abc", warnings[0])
+        self.assertEqual(logs.redact_text("key: abc."), "key: [REDACTED].")
+        self.assertIsNotNone(proxy.url)

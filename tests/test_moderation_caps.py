@@ -6,8 +6,13 @@ MODERATION_ON_ERROR.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import TestCase
 
+from openai_proxy.moderation import stream
 from openai_proxy.moderation.chunks import shape_for
 from openai_proxy.moderation.stream import BATCH, StreamModerator
 from tests.fake_upstream import Script, chat_stream
@@ -116,3 +121,86 @@ class HugeEventRelayTests(ModeratedRelayTestCase):
         texts = [c.text for c in self.tms.calls if c.text != "ping"]
         self.assertLessEqual(len(texts), 4)
         self.assertTrue(all(len(t) <= BATCH for t in texts))
+
+
+class LargeEventThreadTests(TestCase):
+    """A large event is parsed and split in a thread; order and verdicts hold."""
+
+    def setUp(self) -> None:
+        self.patch(stream, "LARGE_EVENT", 300)
+        self.threads: list[threading.Thread] = []
+        original = stream._prepare
+
+        def prepare(*args: Any) -> Any:
+            self.threads.append(threading.current_thread())
+            return original(*args)
+
+        self.patch(stream, "_prepare", prepare)
+        self.texts: list[str] = []
+
+    def check(self, text: str) -> Deferred[bool]:
+        self.texts.append(text)
+        return succeed("bomb" in text)
+
+    def moderator(self, written: list[bytes]) -> StreamModerator:
+        return StreamModerator(
+            shape_for("chat"), self.check, written.append, lambda: None, REFUSAL
+        )
+
+    async def test_events_around_a_large_one_are_relayed_unchanged_in_order(
+        self,
+    ) -> None:
+        written: list[bytes] = []
+        m = self.moderator(written)
+        events = [
+            chat(content="Short one. "),
+            chat(content="A longer sentence. " * 40),
+            chat(content="After it. "),
+            chat(content="And more. "),
+            chat(finish="stop"),
+            DONE,
+        ]
+        for data in events:
+            m.feed(data)
+        await m.end()
+        self.assertEqual(b"".join(written), b"".join(events))
+        self.assertIn(threading.main_thread(), self.threads)
+        self.assertTrue([t for t in self.threads if t is not threading.main_thread()])
+        self.assertEqual(
+            "".join(self.texts),
+            "Short one. " + "A longer sentence. " * 40 + "After it. And more.",
+        )
+
+    async def test_a_stopped_sentence_in_a_large_event_blocks_the_rest(self) -> None:
+        written: list[bytes] = []
+        m = self.moderator(written)
+        m.feed(chat(content="Fine start. "))
+        m.feed(chat(content="Fine words. " * 30 + "Make a bomb now. " + "x. " * 30))
+        m.feed(chat(content="Never shown. "))
+        m.feed(chat(finish="stop") + DONE)
+        await m.end()
+        self.assertTrue(m.blocked)
+        text = text_of(b"".join(written))
+        self.assertTrue(text.startswith("Fine start. "))
+        self.assertTrue(text.endswith(REFUSAL))
+        self.assertNotIn("bomb", text)
+        self.assertNotIn("Never shown", text)
+
+    async def test_abandoned_while_a_large_event_is_in_a_thread(self) -> None:
+        written: list[bytes] = []
+        m = self.moderator(written)
+        started: list[Deferred[Any]] = []
+        original = stream.deferToThread
+
+        def in_thread(*args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = original(*args)
+            started.append(d)
+            return d
+
+        self.patch(stream, "deferToThread", in_thread)
+        m.feed(chat(content="Long words here. " * 40))
+        m.abandon()
+        await m.end()
+        await started[0]  # the thread's answer lands after the hang-up
+        self.assertEqual(written, [])
+        self.assertEqual(self.texts, [])

@@ -19,12 +19,14 @@ from twisted.web.server import Request, Site
 
 from openai_proxy import errors
 from openai_proxy.access import log_request
+from openai_proxy.auth import Grant
 from openai_proxy.errors import ProxyError
 from openai_proxy.logs import new_request_id
 
-#: C{authorize(method, path, authorization)}: the upstream key for a request
-#: (L{None} when its path needs none), or raise the L{ProxyError} refusing it.
-Authorize = Callable[[bytes, bytes, "bytes | None"], "str | None"]
+#: C{authorize(method, path, authorization)}: what a request may do (a
+#: L{Grant}; L{None} when its path needs no key), or raise the L{ProxyError}
+#: refusing it.
+Authorize = Callable[[bytes, bytes, "bytes | None"], "Grant | None"]
 
 #: Of a refused request's body, at most this much is read (and thrown away)
 #: before the connection is closed: enough for a client that sends its whole
@@ -68,13 +70,13 @@ class ProxyRequest(Request):
     with L{early_error}.  A chunked body that passes C{max_body} is refused
     with 413 the same way.
 
-    @ivar upstream_key: the key the early check found, so that the
-        forwarder need not check again.
+    @ivar grant: what the early key check granted, so that the forwarder
+        need not check again.
     @ivar early_error: the error to answer a body-less request with.
     """
 
     channel: Any
-    upstream_key: str | None = None
+    grant: Grant | None = None
     early_error: ProxyError | None = None
     _refused = False
     _received = 0
@@ -251,7 +253,7 @@ class ProxySite(Site):
         Check a request whose headers are complete (its body not yet read):
         exactly one C{Host} (for HTTP/1.1; at most one before), at most one
         C{Authorization}, and a key its path accepts.  Returns the error to
-        refuse it with, or L{None} (remembering the key on the request).
+        refuse it with, or L{None} (remembering the grant on the request).
         """
         channel = request.channel
         headers = request.requestHeaders
@@ -266,7 +268,7 @@ class ProxySite(Site):
             return None
         target: bytes = getattr(channel, "_path", b"")
         try:
-            request.upstream_key = self._authorize(
+            request.grant = self._authorize(
                 getattr(channel, "_command", b""),
                 target.split(b"?", 1)[0],
                 authorization[0] if authorization else None,

@@ -384,12 +384,14 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "MODERATION_BACKEND": "keywords",
         "MODERATION_KEYWORDS_FILE": str(keywords),
         "ROUTES": "",
+        "MODERATION_ON_ERROR": args.moderation_on_error,
         "PYTHONPATH": str(Path(args.checkout).resolve()),
     }
     results: dict[str, Any] = {
         "checkout": str(Path(args.checkout).resolve()),
         "python": sys.version.split()[0],
         "implementation": platform.python_implementation(),
+        "moderation_on_error": args.moderation_on_error,
         "cpus": len(os.sched_getaffinity(0)),
         "bomb_compressed_kb": round(len(Upstream.bomb) / 1024, 1),
     }
@@ -420,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkout", default=str(procs.ROOT))
     parser.add_argument("--only", action="append", default=[])
     parser.add_argument("--slowloris-seconds", type=float, default=40.0)
+    # "pass" lets a capped stream through: the whole 10 MB event is relayed.
+    parser.add_argument("--moderation-on-error", default="block")
     args = parser.parse_args(argv)
     procs.raise_nofile(4096)
     print(json.dumps(asyncio.run(_main(args)), indent=2))

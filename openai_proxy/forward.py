@@ -21,7 +21,7 @@ from openai_proxy.accounting import Account, Accounting
 from openai_proxy.auth import Grant, KeyPolicy
 from openai_proxy.bodies import ClientGone, request_body
 from openai_proxy.config import Config
-from openai_proxy.decoding import ENCODINGS, DecodedResponse
+from openai_proxy.decoding import ENCODINGS, DecodedResponse, DecodeError
 from openai_proxy.errors import ProxyError
 from openai_proxy.exchange import ERROR_KINDS, Exchange, upstream_error
 from openai_proxy.failover import (
@@ -388,12 +388,30 @@ class Forwarder:
         account: Account | None,
     ) -> None:
         chunks: list[bytes] = []
-        sink = chunks.append
+        held = 0
+        limit = self._max_decoded
+
+        def collect(data: bytes) -> None:
+            # Held whole until judged: never more than MAX_DECODED_BODY of it.
+            nonlocal held
+            held += len(data)
+            if held <= limit:
+                chunks.append(data)
+            elif chunks or held - len(data) <= limit:
+                chunks.clear()
+                if exchange.relay is not None:
+                    exchange.relay.stop()
+
+        sink: Callable[[bytes], None] = collect
         if account is not None:
             sink = account.metered(sink, sse=False)
         broken = await self._deliver(exchange, response, sink)
         if account is not None:
             account.end_of_body()
+        if held > limit:
+            broken = Failure(
+                DecodeError(f"the body is larger than {limit} bytes (MAX_DECODED_BODY)")
+            )
         if broken is not None:
             self._broken_body(exchange, broken, False)
             return

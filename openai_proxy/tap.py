@@ -57,7 +57,7 @@ _CORE_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
         "max-decoded-body",
         "MAX_DECODED_BODY",
         "67108864",
-        "Largest decoded size in bytes of a compressed moderated response.",
+        "Largest moderated response body in bytes (decoded).",
     ),
     ("cors-origins", "CORS_ORIGINS", "*", "Allowed CORS origins, comma-separated."),
     ("workers", "WORKERS", "1", "Processes serving the ports: a number or auto."),

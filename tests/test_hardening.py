@@ -562,3 +562,37 @@ class ShortProxyKeyTests(TestCase):
         self.assertNotIn("abc", warnings[0])
         self.assertEqual(logs.redact_text("key: abc."), "key: [REDACTED].")
         self.assertIsNotNone(proxy.url)
+
+
+class ModeratedBodyLimitTests(ModeratedRelayTestCase, _ScrapingTest):
+    """Items 7 and 10 for a reply that is not streamed: bounded memory and calls."""
+
+    moderation_env = {"MAX_DECODED_BODY": "100000", "MODERATION_MAX_CALLS": "2"}
+
+    async def moderated(self) -> tuple[int, bytes, Any]:
+        response = await self.post_json(
+            "/v1/chat/completions", {"model": "m", "messages": [], "moderation": True}
+        )
+        return response.code, await response.content(), response.headers
+
+    async def test_plain_body_over_the_limit_is_a_502_not_held(self) -> None:
+        self.fake.script = Script(
+            body=json.dumps(chat_completion("word " * 50_000)).encode()
+        )
+        lines = capture_logs(self)
+        code, body, _ = await self.moderated()
+        self.assertEqual(code, 502)
+        self.assertEqual(json.loads(body)["error"]["code"], "upstream_error")
+        self.assertTrue([line for line in lines if "MAX_DECODED_BODY" in line])
+
+    async def test_reply_needing_more_calls_than_the_cap_follows_on_error(
+        self,
+    ) -> None:
+        # 30,000 characters: three calls of 10,000 against a cap of two.
+        self.fake.script = Script(
+            body=json.dumps(chat_completion("Fine text. " * 2700)).encode()
+        )
+        code, body, headers = await self.moderated()
+        self.assertEqual(code, 200)
+        self.assertEqual(headers.getRawHeaders(b"x-moderation"), [b"blocked"])
+        self.assertEqual([c for c in self.tms.calls if c.text != "ping"], [])

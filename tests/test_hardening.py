@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -596,3 +597,38 @@ class ModeratedBodyLimitTests(ModeratedRelayTestCase, _ScrapingTest):
         self.assertEqual(code, 200)
         self.assertEqual(headers.getRawHeaders(b"x-moderation"), [b"blocked"])
         self.assertEqual([c for c in self.tms.calls if c.text != "ping"], [])
+
+
+class _BadChunking(Protocol):
+    """An upstream whose chunked body turns to garbage after one chunk."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ not a size\r\n"
+            )
+
+
+class MalformedChunkingTests(_ScrapingTest):
+    """Item 3: invalid chunking from the upstream is its fault, not a hang-up."""
+
+    async def test_invalid_chunking_is_an_upstream_error_not_a_499(self) -> None:
+        port = reactor.listenTCP(
+            0, Factory.forProtocol(_BadChunking), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        self.proxy = Proxy(
+            self, {"UPSTREAM": f"http://127.0.0.1:{port.getHost().port}"}
+        )
+        before = await self.scrape()
+        lines = capture_logs(self)
+        proto = await get_raw(self, b"/v1/files/f/content")
+        data = await proto.done
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "))
+        after = await self.scrape()
+        self.assertEqual(after.get(HANGUPS, 0), before.get(HANGUPS, 0))
+        reset = series(ERRORS, kind="reset")
+        self.assertEqual(after.get(reset, 0) - before.get(reset, 0), 1)
+        access = [line for line in lines if "/v1/files/f/content" in line]
+        self.assertNotIn(" 499 ", access[-1])

@@ -70,7 +70,7 @@ MODERATION_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
         "moderation-max-calls",
         "MODERATION_MAX_CALLS",
         "1000",
-        "Backend calls allowed for one streamed reply.",
+        "Backend calls allowed for one reply.",
     ),
     (
         "moderation-max-event-calls",

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from openai_proxy.cpus import available_cpus
 from openai_proxy.moderation.config import ModerationConfig
 
 #: C{source(option, env)} returns the raw value that wins for a setting
@@ -138,7 +139,8 @@ def parse_base_url(setting: str, raw: str) -> str:
 def parse_workers(raw: str | None) -> int:
     """
     Parse the C{--workers}/C{WORKERS} setting: a whole number ≥ 1, or
-    C{auto} for the number of CPUs this process may run on.  Unset or blank
+    C{auto} for the number of CPUs this process is given (its affinity,
+    capped by a cgroup CPU quota; see L{available_cpus}).  Unset or blank
     means 1.
 
     @raise ConfigError: for anything else.
@@ -147,7 +149,7 @@ def parse_workers(raw: str | None) -> int:
         return 1
     value = raw.strip().lower()
     if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        return available_cpus()
     try:
         count = int(value)
     except ValueError:

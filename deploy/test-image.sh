@@ -111,7 +111,7 @@ root="$work/rootfs"
 mkdir "$root"
 container="$(podman create "$image")"
 podman export "$container" | tar -C "$root" -xf -
-podman rm "$container" >/dev/null
+podman rm "$container" >/dev/null 2>&1 || true
 podman image inspect "$image" >"$work/inspect.json"
 eval "$("$host_python" - "$work/inspect.json" "$root" <<'PY'
 import json, shlex, sys

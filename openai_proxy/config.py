@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TypedDict
 from urllib.parse import urlsplit
 
+from openai_proxy.cpus import available_cpus
 from openai_proxy.keys import KeysFileError, NamedKey, read_keys_file
 from openai_proxy.moderation.config import ModerationConfig
 from openai_proxy.settings import ConfigError as ConfigError
@@ -31,7 +32,8 @@ from openai_proxy.settings import (
 def parse_workers(raw: str | None) -> int:
     """
     Parse the C{--workers}/C{WORKERS} setting: a whole number ≥ 1, or
-    C{auto} for the number of CPUs this process may run on.  Unset or blank
+    C{auto} for the number of CPUs this process is given (its affinity,
+    capped by a cgroup CPU quota; see L{available_cpus}).  Unset or blank
     means 1.
 
     @raise ConfigError: for anything else.
@@ -40,7 +42,7 @@ def parse_workers(raw: str | None) -> int:
         return 1
     value = raw.strip().lower()
     if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        return available_cpus()
     try:
         count = int(value)
     except ValueError:

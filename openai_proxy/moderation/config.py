@@ -69,7 +69,7 @@ MODERATION_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
     (
         "moderation-max-calls",
         "MODERATION_MAX_CALLS",
-        "1000",
+        "3000",
         "Backend calls allowed for one reply.",
     ),
     (
@@ -102,7 +102,7 @@ class ModerationConfig:
     threads: int = 10
     timeout: float = 5.0
     refusal_text: str = DEFAULT_REFUSAL
-    max_calls: int = 1000
+    max_calls: int = 3000
     max_event_calls: int = 20
     moderate_input: bool = False
     tencent_secret_id: str | None = field(default=None, repr=False)

@@ -137,7 +137,9 @@ class KeyPolicy:
             if named is None and not plain:
                 raise errors.WRONG_PROXY_KEY
             if named is not None:
-                refused = key_refused(named, datetime.datetime.now(datetime.UTC))
+                refused = key_refused(
+                    named, datetime.datetime.now(datetime.timezone.utc)
+                )
                 if refused is not None:
                     raise refused
         if self._server_keys:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TypedDict
 from urllib.parse import urlsplit
 
+from openai_proxy.cpus import available_cpus
 from openai_proxy.keys import KeysFileError, NamedKey, read_keys_file
 from openai_proxy.moderation.config import ModerationConfig
 from openai_proxy.settings import ConfigError as ConfigError
@@ -31,7 +32,8 @@ from openai_proxy.settings import (
 def parse_workers(raw: str | None) -> int:
     """
     Parse the C{--workers}/C{WORKERS} setting: a whole number ≥ 1, or
-    C{auto} for the number of CPUs this process may run on.  Unset or blank
+    C{auto} for the number of CPUs this process is given (its affinity,
+    capped by a cgroup CPU quota; see L{available_cpus}).  Unset or blank
     means 1.
 
     @raise ConfigError: for anything else.
@@ -40,7 +42,7 @@ def parse_workers(raw: str | None) -> int:
         return 1
     value = raw.strip().lower()
     if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        return available_cpus()
     try:
         count = int(value)
     except ValueError:
@@ -90,7 +92,11 @@ class Config:
     proxy_keys: tuple[str, ...] = field(default=(), repr=False)
     openai_keys: tuple[str, ...] = field(default=(), repr=False)
     timeout: float = 30.0
+    send_timeout: float = 60.0
+    header_timeout: float = 30.0
     max_body: int = 52_428_800
+    max_moderated_body: int = 10_485_760
+    max_decoded_body: int = 67_108_864
     cors_origins: tuple[str, ...] = ("*",)
     open_proxy: bool = False
     workers: int = 1
@@ -137,11 +143,39 @@ class Config:
                 "--timeout/TIMEOUT", source("timeout", "TIMEOUT"), 30000
             )
             / 1000.0,
+            send_timeout=parse_positive(
+                "--send-timeout/SEND_TIMEOUT",
+                source("send-timeout", "SEND_TIMEOUT"),
+                60000,
+            )
+            / 1000.0,
+            header_timeout=parse_positive(
+                "--header-timeout/HEADER_TIMEOUT",
+                source("header-timeout", "HEADER_TIMEOUT"),
+                30000,
+            )
+            / 1000.0,
             max_body=int(
                 parse_positive(
                     "--max-body/MAX_BODY",
                     source("max-body", "MAX_BODY"),
                     cls.max_body,
+                    integer=True,
+                )
+            ),
+            max_moderated_body=int(
+                parse_positive(
+                    "--max-moderated-body/MAX_MODERATED_BODY",
+                    source("max-moderated-body", "MAX_MODERATED_BODY"),
+                    cls.max_moderated_body,
+                    integer=True,
+                )
+            ),
+            max_decoded_body=int(
+                parse_positive(
+                    "--max-decoded-body/MAX_DECODED_BODY",
+                    source("max-decoded-body", "MAX_DECODED_BODY"),
+                    cls.max_decoded_body,
                     integer=True,
                 )
             ),

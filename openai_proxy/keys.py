@@ -21,12 +21,17 @@ import datetime
 import fnmatch
 import hashlib
 import hmac
-import tomllib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.logger import Logger
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Tencent SCF's newest): the same parser, from PyPI
+    import tomli as tomllib
 
 from openai_proxy.errors import ProxyError
 
@@ -196,11 +201,11 @@ def _as_datetime(where: str, value: object) -> datetime.datetime:
     # A local date-time (no offset) or a bare date is taken as UTC.
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=datetime.UTC)
+            value = value.replace(tzinfo=datetime.timezone.utc)
         return value
     if isinstance(value, datetime.date):
         return datetime.datetime(
-            value.year, value.month, value.day, tzinfo=datetime.UTC
+            value.year, value.month, value.day, tzinfo=datetime.timezone.utc
         )
     raise KeysFileError(f"{where}: 'expires' must be a TOML date-time")
 

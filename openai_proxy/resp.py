@@ -63,6 +63,10 @@ class RedisUnavailable(Exception):
     """Not connected, the connection was lost, or a reply did not come in time."""
 
 
+class _Lost(RedisError):
+    """What a function waiting for a reply gets when the connection is lost."""
+
+
 class _Incomplete(Exception):
     """The buffer ends inside a reply."""
 
@@ -166,14 +170,17 @@ class _RedisProtocol(Protocol):
         for script in client.scripts:
             handshake.append(["SCRIPT", "LOAD", script.text])
         if not handshake:
-            self._up()
-            return
+            # Up once Redis has answered (over TLS, once the certificate
+            # verified), not when TCP connected.
+            handshake.append(["PING"])
         for number, command in enumerate(handshake, 1):
             last = number == len(handshake)
             self.write(encode(command), self._handshake_step(command[0], last))
 
     def _handshake_step(self, name: Arg, last: bool) -> Callable[[Reply], None]:
         def step(reply: Reply) -> None:
+            if isinstance(reply, _Lost):
+                return  # connectionLost says why
             if isinstance(reply, RedisError):
                 # The reply names no secret: Redis says WRONGPASS, NOAUTH, ...
                 self._client._warn(f"Redis refused {name!s} on connecting: {reply}")
@@ -223,6 +230,10 @@ class _RedisProtocol(Protocol):
         return bool(self._waiting) and now - self._since > timeout
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.ready:
+            # Lost during the handshake: a TLS certificate that does not
+            # verify, say.  Say why, once per outage.
+            self._client._failed(reason)
         self.ready = False
         self._client._lost(self)
         waiting, self._waiting = self._waiting, deque()
@@ -231,7 +242,7 @@ class _RedisProtocol(Protocol):
             if isinstance(waiter, Deferred):
                 waiter.errback(lost)
             else:
-                waiter(RedisError(str(lost)))
+                waiter(_Lost(str(lost)))
 
 
 class _Factory(ReconnectingClientFactory):

@@ -5,6 +5,7 @@ the client against a real redis-server (scripts, errors, a lost Redis).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import reactor
@@ -24,7 +25,7 @@ from openai_proxy.resp import (
     encode,
     parse,
 )
-from tests.redis_server import SKIP, RedisServer
+from tests.redis_server import SKIP, RedisServer, make_tls_files
 
 _REPLIES: list[tuple[bytes, Reply]] = [
     (b"+OK\r\n", b"OK"),
@@ -75,6 +76,18 @@ class _Silent(Protocol):
     """Takes every command, answers none."""
 
 
+class _AnswersOnce(Protocol):
+    """Answers the first command (the client's PING on connecting), then none."""
+
+    answered = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answered:
+            self.answered = True
+            assert self.transport is not None
+            self.transport.write(b"+PONG\r\n")
+
+
 class ClientTests(TestCase):
     skip = SKIP
 
@@ -123,7 +136,9 @@ class ClientTests(TestCase):
         self.assertFalse(client.evalsha(Script("return 1"), b"", print))
 
     async def test_a_redis_that_stops_answering_fails_what_waits(self) -> None:
-        port = reactor.listenTCP(0, Factory.forProtocol(_Silent), interface="127.0.0.1")
+        port = reactor.listenTCP(
+            0, Factory.forProtocol(_AnswersOnce), interface="127.0.0.1"
+        )
         self.addCleanup(port.stopListening)
         client = await self.client(
             f"redis://127.0.0.1:{port.getHost().port}/0", timeout=0.1
@@ -163,3 +178,33 @@ class ClientTests(TestCase):
         self.assertIn("WRONGPASS", await refused)
         self.assertNotIn("wrong", (await refused).replace("WRONGPASS", ""))
         self.assertFalse(bad.up)
+
+    async def test_rediss_checks_the_certificate_against_trusted_cas(self) -> None:
+        tls = make_tls_files(self.mktemp())
+        redis = await RedisServer.start(self, tls=tls)
+        refused: Deferred[str] = Deferred()
+
+        def observe(event: dict[str, Any]) -> None:
+            text = str(event.get("why", ""))
+            if "cannot connect" in text and not refused.called:
+                refused.callback(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        # OpenSSL reads SSL_CERT_FILE for its trusted CAs at each connection.
+        self.addCleanup(_restore_env, "SSL_CERT_FILE", os.environ.get("SSL_CERT_FILE"))
+        os.environ["SSL_CERT_FILE"] = tls.cert  # a certificate, but not the CA
+        untrusted = await self.client(redis.url)
+        self.assertIn("certificate verify failed", await refused)
+        self.assertFalse(untrusted.up)
+        os.environ["SSL_CERT_FILE"] = tls.ca
+        trusted = await self.client(redis.url)
+        await trusted.when_up()
+        self.assertEqual(await trusted.call("PING"), b"PONG")
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from twisted.web.server import Request
 
-from openai_proxy.formfield import boundary_of, form_field
+from openai_proxy.formfield import boundary_of, form_fields
 from openai_proxy.keys import NamedKey, model_not_allowed
 from openai_proxy.limits import Usage
 from openai_proxy.sse import SSEEvent, SSEParser
@@ -81,13 +81,14 @@ def inspect_request(request: Request, key: NamedKey, inject: bool) -> bool:
 
 
 def _check_form_model(content: IO[bytes], boundary: bytes, key: NamedKey) -> None:
-    # An upload (audio transcription, say) names its model in a form field.
+    # An upload (audio transcription, say) names its model in a form field;
+    # should it name one twice, both must be allowed.
     content.seek(0)
     try:
-        field = form_field(content, boundary, b"model")
+        fields = form_fields(content, boundary, b"model")
     finally:
         content.seek(0)
-    if field is not None:
+    for field in fields:
         model = field.decode("utf-8", "replace").strip()
         if not key.allows_model(model):
             raise model_not_allowed(key, model)

@@ -1,4 +1,4 @@
-"""Finding a multipart form's C{model} field without holding the upload."""
+"""Finding a multipart form's C{model} fields without holding the upload."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from openai_proxy.formfield import _CHUNK, boundary_of, form_field
+from openai_proxy.formfield import _CHUNK, boundary_of, form_fields
 
 B = b"----b0undary7"
 
@@ -22,7 +22,12 @@ def form(*parts: tuple[bytes, bytes], boundary: bytes = B) -> bytes:
 
 
 def model_of(body: bytes, boundary: bytes = B) -> bytes | None:
-    return form_field(io.BytesIO(body), boundary, b"model")
+    found = models_in(body, boundary)
+    return found[0] if found else None
+
+
+def models_in(body: bytes, boundary: bytes = B) -> list[bytes]:
+    return form_fields(io.BytesIO(body), boundary, b"model")
 
 
 class BoundaryTests(SynchronousTestCase):
@@ -67,4 +72,27 @@ class FormFieldTests(SynchronousTestCase):
     def test_no_field_or_not_a_form(self) -> None:
         self.assertIsNone(model_of(form((b'name="file"', b"data"))))
         self.assertIsNone(model_of(b"not a multipart body at all"))
-        self.assertIsNone(model_of(form((b'name="model"', b"m" * 5000))))
+
+    def test_every_field_of_the_name(self) -> None:
+        # The upstream may read the first or the last: both must be checked.
+        body = form(
+            (b'name="model"', b"gpt-4o-transcribe"),
+            (b'name="file"; filename="a"', b"x" * 100),
+            (b'name="model"', b"whisper-1"),
+        )
+        self.assertEqual(models_in(body), [b"gpt-4o-transcribe", b"whisper-1"])
+
+    def test_what_lenient_parsers_accept(self) -> None:
+        lf_only = b"--" + B + b'\nContent-Disposition: form-data; name="model"\n\n'
+        lf_only += b"m-lf\n--" + B + b"--\n"
+        self.assertEqual(models_in(lf_only), [b"m-lf"])
+        self.assertEqual(models_in(form((b"name=model", b"m-bare"))), [b"m-bare"])
+        long = b"b" * 120  # RFC 2046 says at most 70
+        ctype = b"multipart/form-data; boundary=" + long
+        body = form((b'name="model"', b"m-long"), boundary=long)
+        self.assertEqual(boundary_of(ctype), long)
+        self.assertEqual(models_in(body, long), [b"m-long"])
+
+    def test_a_long_value_is_cut(self) -> None:
+        body = form((b'name="model"', b"m" * 5000), (b'name="model"', b"m-2"))
+        self.assertEqual(models_in(body), [b"m" * 1024, b"m-2"])

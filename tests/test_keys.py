@@ -255,6 +255,19 @@ class NamedKeyTests(RelayTestCase):
         self.assertIn("whisper-1", body["error"]["message"])
         self.assertEqual(self.fake.received, [])
 
+    async def test_a_form_naming_a_second_model_is_refused(self) -> None:
+        refused, _ = await self.post_form(
+            ALICE,
+            (b'name="model"', b"gpt-4o-transcribe"),
+            (b'name="file"; filename="a.mp3"', b"\0" * 1000),
+            (b"name=model", b"whisper-1"),
+        )
+        body = json.loads(await refused.content())
+        self.assertEqual(
+            (refused.code, body["error"]["code"]), (403, "model_not_allowed")
+        )
+        self.assertEqual(self.fake.received, [])
+
     async def test_a_form_with_an_allowed_model_goes_upstream_unchanged(
         self,
     ) -> None:

@@ -51,23 +51,31 @@ def inspect_request(request: Request, key: NamedKey, inject: bool) -> bool:
     if boundary is not None:
         _check_form_model(content, boundary, key)
         return False
-    if not ctype.startswith(b"application/json"):
-        return False
+    is_json = ctype.startswith(b"application/json")
+    if not is_json:
+        # A restricted key's JSON is checked whatever type it claims: the
+        # upstream may read it as JSON all the same.
+        if not key.models or not _looks_like_json(content):
+            return False
     content.seek(0)
     raw = content.read()
     content.seek(0)
     if not key.models and b'"stream"' not in raw:
         return False
     try:
-        fields = json.loads(raw)
+        if key.models and raw.count(b'"model"') > 1:
+            fields, models = _with_every_model(raw)
+        else:
+            fields = json.loads(raw)
+            models = [fields.get("model")] if isinstance(fields, dict) else []
     except ValueError:
         return False  # the upstream answers malformed JSON itself
     if not isinstance(fields, dict):
         return False
-    model = fields.get("model")
-    if isinstance(model, str) and not key.allows_model(model):
-        raise model_not_allowed(key, model)
-    if not may_inject or fields.get("stream") is not True:
+    for model in models:
+        if isinstance(model, str) and not key.allows_model(model):
+            raise model_not_allowed(key, model)
+    if not is_json or not may_inject or fields.get("stream") is not True:
         return False
     options = fields.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
@@ -78,6 +86,27 @@ def inspect_request(request: Request, key: NamedKey, inject: bool) -> bool:
     body = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
     request.content = io.BytesIO(body)
     return True
+
+
+def _looks_like_json(content: IO[bytes]) -> bool:
+    content.seek(0)
+    start = content.read(64)
+    content.seek(0)
+    return start.lstrip().startswith(b"{")
+
+
+def _with_every_model(raw: bytes) -> tuple[Any, list[Any]]:
+    # "model" twice at the top level: parsers keep the first or the last,
+    # so every one must be allowed.  The outermost object is built last.
+    objects: list[list[tuple[str, Any]]] = []
+
+    def keep(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append(pairs)
+        return dict(pairs)
+
+    fields = json.loads(raw, object_pairs_hook=keep)
+    top = objects[-1] if objects and isinstance(fields, dict) else []
+    return fields, [value for name, value in top if name == "model"]
 
 
 def _check_form_model(content: IO[bytes], boundary: bytes, key: NamedKey) -> None:

@@ -301,6 +301,30 @@ class NamedKeyTests(RelayTestCase):
         self.assertEqual(error.code, "model_not_allowed")
         self.assertEqual(self.fake.received, [])
 
+    async def test_a_model_is_checked_however_the_json_is_sent(self) -> None:
+        messages = json.dumps(chat()["messages"])
+        for ctype, body in [
+            ("text/plain", json.dumps(chat(model="gpt-3.5-turbo"))),
+            (
+                "application/json",
+                f'{{"model": "gpt-4o-mini", "messages": {messages}, '
+                f'"model": "gpt-3.5-turbo"}}',
+            ),
+            (
+                "application/json",
+                f'{{"model": "gpt-3.5-turbo", "messages": {messages}, '
+                f'"model": "gpt-4o-mini"}}',
+            ),
+        ]:
+            refused = await self.http.post(
+                self.url("/v1/chat/completions"),
+                body.encode(),
+                headers={"Authorization": f"Bearer {ALICE}", "Content-Type": ctype},
+            )
+            error = json.loads(await refused.content())["error"]
+            self.assertEqual((refused.code, error["code"]), (403, "model_not_allowed"))
+        self.assertEqual(self.fake.received, [])
+
     async def test_disabled_expired_and_unknown_keys_are_refused(self) -> None:
         for key, code in [
             ("pk-dave-disabled", "key_disabled"),

@@ -14,10 +14,25 @@ from hyperlink import EncodedURL
 from treq.cookies import IndexableCookieJar
 from treq.response import _Response
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import (
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
+from zope.interface import implementer
 
 _DOT_SEGMENTS = frozenset({b".", b".."})
 # RFC 3986: no whitespace, control or non-ASCII bytes, and a request target
@@ -185,10 +200,62 @@ class RelayClient(treq.client.HTTPClient):
         return d.addCallback(_Response, self._cookiejar)
 
 
-def make_client(reactor: IReactorTime, pool: HTTPConnectionPool) -> RelayClient:
+@implementer(IAgentEndpointFactory)
+class CachedEndpoints:
     """
-    A client over C{pool} that stores no cookies.  Callers of C{request}
-    pass C{allow_redirects=False}: a redirect must reach the client, not be
+    The endpoints an L{Agent} connects through, one per (scheme, host, port)
+    made once and reused: Twisted's own factory makes a new endpoint, and for
+    https new TLS options, for every request.  The TLS options trust what
+    OpenSSL trusts by default (C{SSL_CERT_FILE} / C{SSL_CERT_DIR} if set, else
+    the system's CAs) and check the host name.
+
+    Only the configured upstreams are ever asked for, so the cache stays
+    small; it is emptied should it ever grow past C{limit}.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        policy: IPolicyForHTTPS | None = None,
+        limit: int = 64,
+    ) -> None:
+        self._reactor = reactor
+        self._policy = policy or BrowserLikePolicyForHTTPS()
+        self._limit = limit
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._make(uri)
+            if len(self._endpoints) >= self._limit:
+                self._endpoints.clear()
+            self._endpoints[key] = endpoint
+        return endpoint
+
+    def _make(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, uri.host.decode("ascii"), uri.port
+        )
+        if uri.scheme == b"https":
+            creator = self._policy.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        return endpoint
+
+
+def make_client(
+    reactor: IReactorTime,
+    pool: HTTPConnectionPool,
+    policy: IPolicyForHTTPS | None = None,
+) -> RelayClient:
+    """
+    A client over C{pool} that stores no cookies and reuses one endpoint
+    (and TLS options) per upstream.  Callers of C{request} pass
+    C{allow_redirects=False}: a redirect must reach the client, not be
     followed to a host nobody configured.
     """
-    return RelayClient(Agent(reactor, pool=pool), reactor)
+    endpoints = CachedEndpoints(reactor, policy)
+    return RelayClient(Agent.usingEndpointFactory(reactor, endpoints, pool), reactor)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IAddress
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -75,6 +77,23 @@ class ProxyRequest(Request):
         site.refused(self)
 
 
+class ProxyChannel(HTTPChannel):
+    """
+    An C{HTTPChannel} that asks its socket for its own address once: every
+    C{Request} asks for it (C{Request.__init__} calls C{getHost}), and on a
+    TCP connection each ask is a C{getsockname} system call.
+    """
+
+    _host: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        host = self._host
+        if host is None:
+            assert self.transport is not None
+            host = self._host = self.transport.getHost()
+        return host
+
+
 class ProxySite(Site):
     """
     The proxy's C{Site}: no form parsing (a relay never needs it), no
@@ -83,6 +102,9 @@ class ProxySite(Site):
     """
 
     requestFactory = ProxyRequest
+    # The channel itself, without Twisted's wrapper that would switch to
+    # HTTP/2 (which needs the h2 package, not installed) on a TLS port.
+    protocol = ProxyChannel  # type: ignore[assignment]
 
     def __init__(
         self,

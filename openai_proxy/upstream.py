@@ -13,6 +13,7 @@ import treq.client
 from hyperlink import EncodedURL
 from treq.cookies import IndexableCookieJar
 from treq.response import _Response
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -88,10 +89,9 @@ class Upstreams:
         self._routes = sorted(
             ((p, _as_uri(u)) for p, u in routes), key=lambda r: -len(r[0])
         )
-        self._hosts = {
-            base: urlsplit(base.decode("ascii")).netloc
-            for base in [self._default, *(u for _, u in self._routes)]
-        }
+        bases = [self._default, *(u for _, u in self._routes)]
+        self._hosts = {base: urlsplit(base.decode("ascii")).netloc for base in bases}
+        self._host_headers = {base: _host_header(base) for base in bases}
 
     def base_for(self, upstream_key: str) -> bytes:
         """The base URL (no trailing slash) a request sent with this key goes to."""
@@ -128,12 +128,33 @@ class Upstreams:
             target = target[:-1]  # hyperlink drops an empty query
         return base + target
 
+    def host_header(self, base: bytes) -> bytes:
+        """
+        The C{Host} header value for requests to a base URL from L{base_for},
+        exactly as Twisted's C{Agent} would compute it per request.
+        """
+        value = self._host_headers.get(base)
+        return _host_header(base) if value is None else value
+
     def host_of(self, base: bytes) -> str:
         """The host[:port] of a base URL from L{base_for}, for logs."""
         host = self._hosts.get(base)
         if host is None:
             host = urlsplit(base.decode("ascii")).netloc
         return host
+
+
+def _host_header(base: bytes) -> bytes:
+    # As twisted.web.client.Agent._computeHostValue, from the URL as Agent
+    # parses it.
+    uri = URI.fromBytes(base)
+    host: bytes = uri.host
+    if isIPv6Address(host.decode("ascii")):
+        host = b"[" + host + b"]"
+    if (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443)):
+        return host
+    port: int = uri.port
+    return b"%b:%d" % (host, port)
 
 
 class _QuietFactory(_HTTP11ClientFactory):

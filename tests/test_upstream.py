@@ -13,7 +13,7 @@ from treq.response import _Response
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent
+from twisted.web.client import URI, Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -199,3 +199,24 @@ class RouteTests(TestCase):
         self.assertEqual(upstreams.base_for("fk-x123"), b"https://b.example")
         self.assertEqual(upstreams.base_for("fk123"), b"https://a.example")
         self.assertEqual(upstreams.base_for("sk-1"), b"https://default.example")
+
+
+class HostHeaderTests(TestCase):
+    @given(
+        st.sampled_from(["http", "https"]),
+        st.sampled_from(["localhost", "api.openai.com", "127.0.0.1", "Example.COM"]),
+        st.one_of(st.none(), st.integers(min_value=1, max_value=65535)),
+        st.sampled_from(["", "/v1", "/openai/v1"]),
+    )
+    def test_host_is_what_agent_would_send(
+        self, scheme: str, host: str, port: int | None, path: str
+    ) -> None:
+        base = f"{scheme}://{host}{'' if port is None else f':{port}'}{path}"
+        upstreams = Upstreams(base)
+        chosen = upstreams.base_for("sk")
+        uri = URI.fromBytes(chosen)
+        agent = Agent(Clock())
+        self.assertEqual(
+            upstreams.host_header(chosen),
+            agent._computeHostValue(uri.scheme, uri.host, uri.port),
+        )

@@ -135,6 +135,12 @@ def parse_base_url(setting: str, raw: str) -> str:
     return url.rstrip("/")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (all of them where that is unknown, as on PyPy)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return max(1, len(affinity(0)) if affinity else (os.cpu_count() or 1))
+
+
 def parse_workers(raw: str | None) -> int:
     """
     Parse the C{--workers}/C{WORKERS} setting: a whole number ≥ 1, or
@@ -147,7 +153,7 @@ def parse_workers(raw: str | None) -> int:
         return 1
     value = raw.strip().lower()
     if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        return usable_cpus()
     try:
         count = int(value)
     except ValueError:

@@ -6,6 +6,7 @@ a dict of figures (and C{"skipped"} with a reason when it cannot run).
 from __future__ import annotations
 
 import json
+import platform
 import socket
 import tempfile
 import time
@@ -18,6 +19,8 @@ from benchmarks.wrk import CHAT, CHAT_STREAM, run_wrk
 
 #: Events per streamed reply from the fake upstream, plus "data: [DONE]".
 EVENTS = 70
+#: Seconds of load before a throughput figure is measured.
+_WARM_UP = 15.0 if platform.python_implementation() == "PyPy" else 3.0
 
 
 @dataclass
@@ -75,8 +78,9 @@ def _throughput(
         direct = run_wrk(direct_port or h.upstream_port, body, 20, seconds)
     proxy = (start or h.proxy)()
     try:
-        # Warm-up: pool filled, code paths hot, and JITs (node's, PyPy's) settled.
-        run_wrk(proxy.port, body, 20, h.settings.seconds(3))
+        # Warm-up: pool filled, code paths hot, and JITs settled (node's in
+        # a second or two; PyPy's needs ~10 s of this load).
+        run_wrk(proxy.port, body, 20, h.settings.seconds(_WARM_UP))
         up_cpu0 = procs.cpu_seconds(h.upstream.pid)
         cpu0 = proxy.cpu()
         through = run_wrk(proxy.port, body, 20, seconds)

@@ -23,7 +23,7 @@ from typing import Any
 
 from benchmarks import interpreter, procs, report
 from benchmarks.scenarios import SCENARIOS, Harness, Settings
-from openai_proxy.config import usable_cpus
+from openai_proxy.cpus import available_cpus
 
 
 def _machine() -> dict[str, Any]:
@@ -39,7 +39,7 @@ def _machine() -> dict[str, Any]:
 
     return {
         "cpus": os.cpu_count(),
-        "usable_cpus": usable_cpus(),
+        "usable_cpus": available_cpus(),
         "cpu_model": model,
         "python": platform.python_version(),
         "interpreter": interpreter.describe(),

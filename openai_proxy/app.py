@@ -6,15 +6,21 @@ the right order.
 
 from __future__ import annotations
 
-from typing import Any
+import signal
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
 from openai_proxy import logs
+from openai_proxy.accounting import Accounting, UsagePage
+from openai_proxy.auth import KeyPolicy
 from openai_proxy.config import Config
 from openai_proxy.drain import DrainService, Readiness
+from openai_proxy.failover import KeyPool
+from openai_proxy.keys import KeyRegistry
+from openai_proxy.limits import Limiter, LocalLimiter
 from openai_proxy.metrics import Metrics
 from openai_proxy.moderation import Moderation
 from openai_proxy.resource import ProxyResource
@@ -61,6 +67,38 @@ class ProxyApp(Service):
         metrics_here = None
         if config.metrics_listen is None:
             metrics_here = self.metrics.resource(config.metrics_key)
+        self.registry = (
+            None
+            if config.keys_file is None
+            else KeyRegistry(config.keys_file, config.named_keys)
+        )
+        self.key_pool = KeyPool(config.openai_keys)
+        self.keys = KeyPolicy(
+            config.proxy_keys,
+            config.openai_keys,
+            registry=self.registry,
+            pool=self.key_pool,
+        )
+        self.store: Any = None
+        self.limiter: Limiter = LocalLimiter()
+        if config.redis_url is not None:
+            from openai_proxy.redisstore import RedisStore
+
+            self.store = RedisStore(config.redis_url, reactor, self.key_pool)
+            self.limiter = self.store
+        self.accounting = Accounting(
+            self.limiter,
+            self.metrics,
+            on_error=config.limits_on_error,
+            inject_usage=config.inject_usage,
+        )
+        registry = self.registry
+        usage_page = None
+        if registry is not None:
+            usage_page = UsagePage(
+                config.admin_key, self.limiter, lambda: registry.names
+            )
+        self._old_sighup: Any = None
         self.resource = ProxyResource(
             config,
             reactor,
@@ -70,6 +108,11 @@ class ProxyApp(Service):
             drain=self.drain,
             readiness=self.readiness,
             metrics_resource=metrics_here,
+            keys=self.keys,
+            accounting=self.accounting,
+            usage_page=usage_page,
+            store_up=None if self.store is None else self.store.is_up,
+            deny_without_store=config.limits_on_error == "deny",
         )
         self.site = ProxySite(
             self.resource, config.max_body, allow_any_origin="*" in config.cors_origins
@@ -79,6 +122,8 @@ class ProxyApp(Service):
                 *config.proxy_keys,
                 *config.openai_keys,
                 config.metrics_key,
+                config.admin_key,
+                config.redis_url,
                 config.moderation.tencent_secret_id,
                 config.moderation.tencent_secret_key,
             ]
@@ -86,6 +131,10 @@ class ProxyApp(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.store is not None:
+            self.store.start()
+        if self.registry is not None:
+            self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
         self.moderation.startService()
         self.drain.startService()
         if not self.readiness.is_ready:
@@ -95,11 +144,24 @@ class ProxyApp(Service):
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
 
+    def _sighup(self, signum: int, frame: Any) -> None:
+        # Signal handlers run between bytecodes: re-read the file from the
+        # reactor instead, where nothing is half-done.
+        from twisted.internet import reactor
+
+        if self.registry is not None:
+            cast(Any, reactor).callFromThread(self.registry.reload)
+
     async def _stop(self) -> None:
         if self._probe.running:
             self._probe.stop()
+        if self._old_sighup is not None:
+            signal.signal(signal.SIGHUP, self._old_sighup)
+            self._old_sighup = None
         # In-flight streams may still need moderation: drain first.
         await self.drain.stopService()
+        if self.store is not None:
+            await self.store.stop()
         await self.moderation.stopService()
         await self.pool.closeCachedConnections()
 

@@ -8,12 +8,14 @@ key when server-held upstream keys exist, else the upstream key.
 
 from __future__ import annotations
 
+import datetime
 import hmac
-import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from openai_proxy import errors
+from openai_proxy.failover import KeyPool
+from openai_proxy.keys import KeyRegistry, NamedKey, key_refused
 
 
 @dataclass(frozen=True)
@@ -68,17 +70,40 @@ def _matches_any(candidate: str, accepted: Sequence[bytes]) -> bool:
     return found
 
 
+@dataclass(frozen=True)
+class Grant:
+    """
+    What a request may do: the key to send upstream, the index of that key
+    among the server-held ones (L{None} for a client's own key), and the
+    named proxy key it came with (L{None} for a C{PROXY_KEY} or none).
+    """
+
+    upstream_key: str
+    index: int | None = None
+    named: NamedKey | None = None
+
+
 class KeyPolicy:
     """
     Decides, for each request, whether it may pass and with which upstream key.
 
-    Server-held upstream keys are handed out in turn (round robin).
+    Server-held upstream keys are handed out in turn (round robin), skipping
+    those the L{KeyPool} has benched.  Proxy keys are the C{PROXY_KEY} ones
+    (unnamed, unlimited) and those of the L{KeyRegistry} (named).
     """
 
-    def __init__(self, proxy_keys: Sequence[str], openai_keys: Sequence[str]) -> None:
+    def __init__(
+        self,
+        proxy_keys: Sequence[str],
+        openai_keys: Sequence[str],
+        *,
+        registry: KeyRegistry | None = None,
+        pool: KeyPool | None = None,
+    ) -> None:
         self._proxy_keys = tuple(k.encode("utf-8") for k in proxy_keys)
+        self._registry = registry
         self._server_keys = bool(openai_keys)
-        self._openai_keys: Iterator[str] = itertools.cycle(tuple(openai_keys))
+        self.pool = pool if pool is not None else KeyPool(openai_keys)
 
     def upstream_key(self, authorization: bytes | None) -> str:
         """
@@ -88,16 +113,38 @@ class KeyPolicy:
         @raise errors.ProxyError: 401 with no token or no key for upstream,
             403 with a proxy key that is not accepted.
         """
+        return self.authorize(authorization).upstream_key
+
+    def authorize(self, authorization: bytes | None) -> Grant:
+        """
+        Like L{upstream_key}, and say which server key and named key apply.
+
+        @raise errors.ProxyError: as L{upstream_key}, and 403 for a named
+            key that is disabled or expired.
+        """
         token = bearer_token(authorization)
         if token is None:
             raise errors.MISSING_KEY
         parts = split_token(token, server_keys=self._server_keys)
-        if self._proxy_keys and not _matches_any(
-            parts.proxy_key or "", self._proxy_keys
-        ):
-            raise errors.WRONG_PROXY_KEY
+        named = None
+        if self._proxy_keys or self._registry is not None:
+            presented = parts.proxy_key or ""
+            # Both lookups always run, so the time taken does not say which
+            # kind of key (if any) matched.
+            plain = bool(self._proxy_keys) and _matches_any(presented, self._proxy_keys)
+            if self._registry is not None:
+                named = self._registry.find(presented)
+            if named is None and not plain:
+                raise errors.WRONG_PROXY_KEY
+            if named is not None:
+                refused = key_refused(
+                    named, datetime.datetime.now(datetime.timezone.utc)
+                )
+                if refused is not None:
+                    raise refused
         if self._server_keys:
-            return next(self._openai_keys)
+            index = self.pool.pick()
+            return Grant(self.pool.keys[index], index, named)
         if parts.upstream_key is None:
             raise errors.NO_UPSTREAM_KEY
-        return parts.upstream_key
+        return Grant(parts.upstream_key, None, named)

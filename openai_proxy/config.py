@@ -8,143 +8,32 @@ option wins.  A bad value raises L{ConfigError} naming the setting.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 from urllib.parse import urlsplit
 
+from openai_proxy.cpus import available_cpus
+from openai_proxy.keys import KeysFileError, NamedKey, read_keys_file
 from openai_proxy.moderation.config import ModerationConfig
-
-#: C{source(option, env)} returns the raw value that wins for a setting
-#: (the option's, else the environment's), or L{None} when neither is set.
-Source = Callable[[str, str], "str | None"]
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
-
-
-class ConfigError(Exception):
-    """
-    A setting has a value the proxy cannot start with.
-
-    @ivar setting: the environment variable or option at fault, as a user
-        would write it (e.g. C{"TIMEOUT"} or C{"--timeout/TIMEOUT"}).
-    """
-
-    def __init__(self, setting: str, message: str) -> None:
-        super().__init__(f"{setting}: {message}")
-        self.setting = setting
-
-
-def make_source(options: Mapping[str, object], env: Mapping[str, str]) -> Source:
-    """
-    Return a L{Source} that prefers C{options[option]} (when not L{None})
-    over C{env[env_name]}.
-    """
-
-    def source(option: str, env_name: str) -> str | None:
-        value = options.get(option)
-        if value is not None:
-            return str(value)
-        return env.get(env_name)
-
-    return source
-
-
-def parse_bool(setting: str, raw: str | None, default: bool) -> bool:
-    """Parse a yes/no setting (1/0, true/false, yes/no, on/off)."""
-    if raw is None:
-        return default
-    lowered = raw.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ConfigError(
-        setting, f"expected 1/0, true/false, yes/no or on/off, got {raw!r}"
-    )
-
-
-def parse_positive(
-    setting: str, raw: str | None, default: float, *, integer: bool = False
-) -> float:
-    """Parse a number that must be greater than zero."""
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "a whole number" if integer else "a number"
-        raise ConfigError(setting, f"expected {kind}, got {raw!r}") from None
-    if not value > 0:
-        raise ConfigError(setting, f"must be greater than 0, got {raw!r}")
-    return value
-
-
-def parse_choice(
-    setting: str, raw: str | None, choices: Sequence[str], default: str
-) -> str:
-    """Parse a setting that takes one of a few words (case-insensitive)."""
-    if raw is None or raw.strip() == "":
-        return default
-    lowered = raw.strip().lower()
-    if lowered not in choices:
-        raise ConfigError(setting, f"expected one of {', '.join(choices)}; got {raw!r}")
-    return lowered
-
-
-def split_list(raw: str | None) -> tuple[str, ...]:
-    """Split a comma- or newline-separated list, dropping blanks."""
-    if not raw:
-        return ()
-    return tuple(
-        item.strip()
-        for line in raw.splitlines()
-        for item in line.split(",")
-        if item.strip()
-    )
-
-
-def read_secret_file(setting: str, path: str) -> tuple[str, ...]:
-    """Read keys from a file: one per line or comma-separated; C{#} comments."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(setting, f"cannot read {path!r}: {e.strerror}") from None
-    lines = (line.split("#", 1)[0] for line in text.splitlines())
-    return split_list("\n".join(lines))
-
-
-def parse_base_url(setting: str, raw: str) -> str:
-    """
-    Validate an upstream base URL: http or https, a host, maybe a path
-    prefix, no query or fragment.  Returns it without a trailing slash.
-    """
-    url = raw.strip()
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(setting, f"expected an http:// or https:// URL, got {raw!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError(
-            setting, f"the URL must not carry a query, fragment or credentials: {raw!r}"
-        )
-    try:
-        _ = parts.port  # urlsplit only validates the port when asked for it
-    except ValueError:
-        raise ConfigError(setting, f"bad port in {raw!r}") from None
-    return url.rstrip("/")
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (all of them where that is unknown, as on PyPy)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return max(1, len(affinity(0)) if affinity else (os.cpu_count() or 1))
+from openai_proxy.settings import ConfigError as ConfigError
+from openai_proxy.settings import (
+    Source,
+    make_source,
+    parse_base_url,
+    parse_bool,
+    parse_choice,
+    parse_positive,
+    read_secret_file,
+    split_list,
+)
 
 
 def parse_workers(raw: str | None) -> int:
     """
     Parse the C{--workers}/C{WORKERS} setting: a whole number ≥ 1, or
-    C{auto} for the number of CPUs this process may run on.  Unset or blank
+    C{auto} for the number of CPUs this process is given (its affinity,
+    capped by a cgroup CPU quota; see L{available_cpus}).  Unset or blank
     means 1.
 
     @raise ConfigError: for anything else.
@@ -153,7 +42,7 @@ def parse_workers(raw: str | None) -> int:
         return 1
     value = raw.strip().lower()
     if value == "auto":
-        return usable_cpus()
+        return available_cpus()
     try:
         count = int(value)
     except ValueError:
@@ -213,6 +102,13 @@ class Config:
     metrics_listen: str | None = None
     metrics_key: str | None = field(default=None, repr=False)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    keys_file: str | None = None
+    named_keys: tuple[NamedKey, ...] = field(default=(), repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+    inject_usage: bool = True
+    key_cooldown: float = 600.0
+    redis_url: str | None = field(default=None, repr=False)
+    limits_on_error: str = "allow"
 
     @classmethod
     def load(
@@ -267,11 +163,17 @@ class Config:
             metrics_listen=source("metrics-listen", "METRICS_LISTEN") or None,
             metrics_key=source("", "METRICS_KEY") or None,
             moderation=ModerationConfig.load(source),
+            **_key_settings(source),
         )._checked()
 
     def _checked(self) -> Config:
         check_listen(self.listen, self.workers)
-        if self.openai_keys and not self.proxy_keys and not self.open_proxy:
+        if (
+            self.openai_keys
+            and not self.proxy_keys
+            and self.keys_file is None
+            and not self.open_proxy
+        ):
             raise ConfigError(
                 "PROXY_KEY",
                 "OPENAI_KEY is set but PROXY_KEY is not, so anyone who can reach "
@@ -301,20 +203,31 @@ def _listen(options: Sequence[str], port: str | None) -> tuple[str, ...]:
     return (port,)
 
 
+#: What C{ROUTES} or C{--route} say to turn routing off, besides C{ROUTES=}.
+_NO_ROUTES = "none"
+
+
 def _routes(options: Sequence[str], env: str | None) -> tuple[tuple[str, str], ...]:
+    # Entries add to the default routes (replacing one with the same prefix):
+    # a user adding a route must not lose the api2d one without a word.  Only
+    # an explicitly empty setting turns routing off.
     if options:
         items, setting = tuple(options), "--route"
     elif env is not None:
         items, setting = split_list(env), "ROUTES"
     else:
         return Config.routes
-    routes = []
+    if not items or [i.lower() for i in items] == [_NO_ROUTES]:
+        return ()
+    routes = dict(Config.routes)
     for item in items:
         prefix, sep, url = item.partition("=")
         if not sep or not prefix.strip():
-            raise ConfigError(setting, f"expected PREFIX=URL, got {item!r}")
-        routes.append((prefix.strip(), parse_base_url(setting, url)))
-    return tuple(routes)
+            raise ConfigError(
+                setting, f"expected PREFIX=URL (or {_NO_ROUTES}), got {item!r}"
+            )
+        routes[prefix.strip()] = parse_base_url(setting, url)
+    return tuple(routes.items())
 
 
 def _keys(source: Source, file_option: str, env_name: str) -> tuple[str, ...]:
@@ -329,3 +242,51 @@ def _keys(source: Source, file_option: str, env_name: str) -> tuple[str, ...]:
                 env_name, "a key contains whitespace or control characters"
             )
     return keys
+
+
+class _KeySettings(TypedDict):
+    keys_file: str | None
+    named_keys: tuple[NamedKey, ...]
+    admin_key: str | None
+    inject_usage: bool
+    key_cooldown: float
+    redis_url: str | None
+    limits_on_error: str
+
+
+def _key_settings(source: Source) -> _KeySettings:
+    # Named keys, their limits and usage, and server-key failover.
+    keys_file = source("keys-file", "KEYS_FILE") or None
+    named: tuple[NamedKey, ...] = ()
+    if keys_file is not None:
+        try:
+            named = read_keys_file(keys_file)
+        except KeysFileError as e:
+            raise ConfigError("--keys-file/KEYS_FILE", str(e)) from None
+    redis_url = source("", "REDIS_URL") or None
+    if redis_url is not None and urlsplit(redis_url).scheme not in (
+        "redis",
+        "rediss",
+        "unix",
+    ):
+        raise ConfigError("REDIS_URL", "expected a redis://, rediss:// or unix:// URL")
+    return {
+        "keys_file": keys_file,
+        "named_keys": named,
+        "admin_key": source("", "ADMIN_KEY") or None,
+        "inject_usage": parse_bool(
+            "--inject-usage/INJECT_USAGE", source("inject-usage", "INJECT_USAGE"), True
+        ),
+        "key_cooldown": parse_positive(
+            "--key-cooldown/KEY_COOLDOWN",
+            source("key-cooldown", "KEY_COOLDOWN"),
+            Config.key_cooldown,
+        ),
+        "redis_url": redis_url,
+        "limits_on_error": parse_choice(
+            "--limits-on-error/LIMITS_ON_ERROR",
+            source("limits-on-error", "LIMITS_ON_ERROR"),
+            ("allow", "deny"),
+            "allow",
+        ),
+    }

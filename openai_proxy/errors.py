@@ -16,16 +16,22 @@ JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
 @dataclass(frozen=True)
 class ProxyError(Exception):
-    """An error answered by the proxy rather than relayed from the upstream."""
+    """
+    An error answered by the proxy rather than relayed from the upstream;
+    C{headers} are set on the response too (e.g. C{retry-after}).
+    """
 
     status: int
     message: str
     code: str
     type: str = "invalid_request_error"
+    #: The request field at fault, if one is (the API's own C{param}).
+    param: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def body(self) -> bytes:
         """The OpenAI-style JSON body for this error."""
-        return error_body(self.message, self.type, self.code)
+        return error_body(self.message, self.type, self.code, self.param)
 
 
 _frozen_setattr = ProxyError.__setattr__
@@ -44,10 +50,10 @@ def _setattr(self: ProxyError, name: str, value: object) -> None:
 ProxyError.__setattr__ = _setattr  # type: ignore[method-assign,assignment]
 
 
-def error_body(message: str, type_: str, code: str) -> bytes:
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
     """Serialise an OpenAI-style error object."""
     return json.dumps(
-        {"error": {"message": message, "type": type_, "code": code, "param": None}}
+        {"error": {"message": message, "type": type_, "code": code, "param": param}}
     ).encode("utf-8")
 
 
@@ -61,6 +67,8 @@ def write_error(request: Request, error: ProxyError) -> None:
     request.responseHeaders.setRawHeaders(b"content-type", [JSON_CONTENT_TYPE])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
     request.responseHeaders.removeHeader(b"content-encoding")
+    for name, value in error.headers:
+        request.responseHeaders.setRawHeaders(name, [value])
     if request.method != b"HEAD":
         request.write(body)
     request.finish()

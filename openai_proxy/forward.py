@@ -18,11 +18,19 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 
 from openai_proxy import errors
+from openai_proxy.accounting import Account, Accounting
 from openai_proxy.auth import KeyPolicy
 from openai_proxy.bodies import request_body
 from openai_proxy.config import Config
 from openai_proxy.errors import ProxyError
 from openai_proxy.exchange import ERROR_KINDS, Exchange, upstream_error
+from openai_proxy.failover import (
+    ReadResponse,
+    judge,
+    might_retry,
+    read_error_body,
+    replayable,
+)
 from openai_proxy.headers import REQUEST_DROPPED, RESPONSE_DROPPED, copy_headers
 from openai_proxy.metrics import Metrics
 from openai_proxy.moderation import Moderation, Plan
@@ -50,10 +58,14 @@ class Forwarder:
         *,
         moderation: Moderation,
         metrics: Metrics,
+        keys: KeyPolicy | None = None,
+        accounting: Accounting | None = None,
     ) -> None:
         self._reactor = reactor
         self._client = client
-        self._keys = KeyPolicy(config.proxy_keys, config.openai_keys)
+        self._keys = keys or KeyPolicy(config.proxy_keys, config.openai_keys)
+        self._accounting = accounting
+        self._cooldown = config.key_cooldown
         self._upstreams = Upstreams(config.upstream, config.routes)
         self._timeout = config.timeout
         self._log_bodies = config.log_bodies
@@ -66,8 +78,12 @@ class Forwarder:
         every outcome ends C{exchange}'s response (or finds its client gone).
         """
         request = exchange.request
+        account: Account | None = None
         try:
-            key = self._keys.upstream_key(request.getHeader(b"authorization"))
+            grant = self._keys.authorize(request.getHeader(b"authorization"))
+            key = grant.upstream_key
+            if grant.named is not None and self._accounting is not None:
+                account = await self._accounting.open(request, grant.named)
             body, fields = request_body(
                 exchange, self._moderation, log_bodies=self._log_bodies
             )
@@ -76,13 +92,75 @@ class Forwarder:
                 plan = self._moderation.plan(request.path, fields)
                 if fields is not None:
                     await self._moderation.check_input(request.path, fields, key)
-            response = await self._send(exchange, key, body, plan is not None)
+            if grant.index is not None and len(self._keys.pool.keys) > 1:
+                body = replayable(request, body)
+            # A body the proxy reads (to moderate it, or to count its tokens)
+            # is asked for uncompressed.
+            uncompressed = plan is not None or account is not None
+            response = await self._send(exchange, key, body, uncompressed)
+            if response is not None and grant.index is not None:
+                self._metrics.upstream_key_used(grant.index)
+                if might_retry(response.code):
+                    response = await self._fail_over(
+                        exchange, grant.index, response, body, uncompressed
+                    )
         except ProxyError as e:  # moderation's refusals included
+            if account is not None:
+                account.close()
             exchange.fail(e)
             return
-        if response is None:
-            return
-        await self._respond(exchange, response, plan, key)
+        try:
+            if response is not None:
+                await self._respond(exchange, response, plan, key, account)
+        finally:
+            if account is not None:
+                account.close()
+
+    async def _fail_over(
+        self,
+        exchange: Exchange,
+        index: int,
+        response: IResponse,
+        body: IBodyProducer | None,
+        uncompressed: bool,
+    ) -> IResponse | None:
+        """
+        The upstream refused the request on server key C{index} before any
+        byte reached the client: bench the key when its answer says so, and
+        try once more on the next key that is not benched.  Returns the
+        answer to relay (the last one, when no other key was tried).
+        """
+        pool = self._keys.pool
+        retried = False
+        while True:
+            read = ReadResponse(response, await read_error_body(response))
+            verdict = judge(read.code, read.headers, read.body, self._cooldown)
+            self._metrics.upstream_key_failed(index)
+            if verdict.bench_seconds is not None:
+                pool.bench(index, verdict.bench_seconds)
+                self._metrics.upstream_key_benched(index)
+                _log.warn(
+                    "server key #{index} benched for {seconds:.0f} s after {status}",
+                    index=index,
+                    seconds=verdict.bench_seconds,
+                    status=read.code,
+                )
+            following = pool.other(index) if verdict.retry else None
+            if retried or following is None or exchange.gone:
+                return read
+            retried, index = True, following
+            next_response = await self._send(
+                exchange,
+                pool.keys[index],
+                replayable(exchange.request, body),
+                uncompressed,
+            )
+            if next_response is None:
+                return None
+            self._metrics.upstream_key_used(index)
+            if not might_retry(next_response.code):
+                return next_response
+            response = next_response
 
     async def _send(
         self, exchange: Exchange, key: str, body: IBodyProducer | None, read: bool
@@ -90,7 +168,8 @@ class Forwarder:
         """
         Send the request upstream; fire with the response at its headers, or
         with L{None} if the client left.  C{read}: the proxy will read the
-        response body (to moderate it), so asks for it uncompressed.
+        response body (to moderate it or count its tokens), so asks for it
+        uncompressed.
         """
         request = exchange.request
         if exchange.gone:
@@ -134,7 +213,12 @@ class Forwarder:
         return response
 
     async def _respond(
-        self, exchange: Exchange, response: IResponse, plan: Plan | None, key: str
+        self,
+        exchange: Exchange,
+        response: IResponse,
+        plan: Plan | None,
+        key: str,
+        account: Account | None = None,
     ) -> None:
         request = exchange.request
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
@@ -142,7 +226,8 @@ class Forwarder:
         # What the upstream sent decides how it is moderated, not what the
         # request asked for: a reply is never relayed unchecked by surprise.
         moderated = plan is not None and response.code == 200
-        read = moderated and (sse or b"json" in ctype)
+        metered = account is not None and response.code == 200
+        read = (moderated or metered) and (sse or b"json" in ctype)
         encodings = response.headers.getRawHeaders(b"content-encoding")
         if read and encodings:
             # Asked for identity, the upstream compressed anyway.
@@ -161,18 +246,29 @@ class Forwarder:
             request.setHeader(b"cache-control", b"no-cache")
             request.setHeader(b"x-accel-buffering", b"no")
             exchange.metrics.stream_started()
-        if read and sse:
+        if account is not None:
+            account.decorate(request)
+        if moderated and read and sse:
             assert plan is not None
-            await self._relay_moderated_stream(exchange, response, plan, key)
-        elif read:
+            await self._relay_moderated_stream(exchange, response, plan, key, account)
+        elif moderated and read:
             assert plan is not None
-            await self._relay_moderated_body(exchange, response, plan, key)
+            await self._relay_moderated_body(exchange, response, plan, key, account)
         else:
+            sink: Callable[[bytes], None] = exchange.write
+            if account is not None and metered:
+                sink = account.metered(sink, sse=sse)
             # Relayed as sent: a compressed body keeps its Content-Encoding
-            # and its length.
-            if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            # and its length (unless metering rewrites the stream).
+            if (
+                response.length is not UNKNOWN_LENGTH
+                and request.method != b"HEAD"
+                and not (metered and sse and account is not None and account.rewrites)
+            ):
                 request.setHeader(b"content-length", b"%d" % response.length)
-            broken = await self._deliver(exchange, response, exchange.write)
+            broken = await self._deliver(exchange, response, sink)
+            if account is not None:
+                account.end_of_body()
             if broken is not None:
                 self._broken_body(exchange, broken, sse)
         exchange.finish()
@@ -217,7 +313,12 @@ class Forwarder:
             exchange.abort()
 
     async def _relay_moderated_stream(
-        self, exchange: Exchange, response: IResponse, plan: Plan, key: str
+        self,
+        exchange: Exchange,
+        response: IResponse,
+        plan: Plan,
+        key: str,
+        account: Account | None,
     ) -> None:
         def stop_upstream() -> None:
             if exchange.relay is not None:
@@ -225,7 +326,12 @@ class Forwarder:
 
         moderator = plan.stream_moderator(exchange.write, stop_upstream, key)
         exchange.moderator = moderator
-        broken = await self._deliver(exchange, response, moderator.feed)
+        sink: Callable[[bytes], None] = moderator.feed
+        if account is not None:
+            sink = account.metered(sink, sse=True)
+        broken = await self._deliver(exchange, response, sink)
+        if account is not None:
+            account.end_of_body()
         await moderator.end()
         if moderator.blocked:
             self._metrics.stream_blocked()
@@ -233,10 +339,20 @@ class Forwarder:
             self._broken_body(exchange, broken, True)
 
     async def _relay_moderated_body(
-        self, exchange: Exchange, response: IResponse, plan: Plan, key: str
+        self,
+        exchange: Exchange,
+        response: IResponse,
+        plan: Plan,
+        key: str,
+        account: Account | None,
     ) -> None:
         chunks: list[bytes] = []
-        broken = await self._deliver(exchange, response, chunks.append)
+        sink = chunks.append
+        if account is not None:
+            sink = account.metered(sink, sse=False)
+        broken = await self._deliver(exchange, response, sink)
+        if account is not None:
+            account.end_of_body()
         if broken is not None:
             self._broken_body(exchange, broken, False)
             return

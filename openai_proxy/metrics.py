@@ -56,6 +56,8 @@ METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OP
 UPSTREAM_ERROR_KINDS: Final = ("unreachable", "timeout", "reset")
 #: The results L{Metrics.moderation_call} accepts.
 MODERATION_RESULTS: Final = ("pass", "review", "block", "error")
+#: At most this many named keys get a label of their own; others are C{other}.
+MAX_KEY_LABELS: Final = 1000
 #: Moderation backend labels; any other backend name is recorded as C{other}.
 MODERATION_BACKENDS: Final = ("tencent", "openai", "keywords", "other")
 
@@ -269,6 +271,42 @@ class Metrics:
             "Streamed responses cut off by moderation.",
             registry=registry,
         )
+        self._tokens = Counter(
+            "openai_proxy_tokens",
+            "Tokens the upstream reported for named keys, by key name and kind.",
+            ("key", "kind"),
+            registry=registry,
+        )
+        self._rate_limited = Counter(
+            "openai_proxy_rate_limited",
+            "Requests refused with 429 by a named key's limit, by key name and limit.",
+            ("key", "limit"),
+            registry=registry,
+        )
+        self._limits_errors = Counter(
+            "openai_proxy_limits_errors",
+            "Requests whose limits could not be checked (the store was down).",
+            registry=registry,
+        )
+        self._key_requests = Counter(
+            "openai_proxy_upstream_key_requests",
+            "Requests sent upstream with each server-held key, by its index.",
+            ("index",),
+            registry=registry,
+        )
+        self._key_failures = Counter(
+            "openai_proxy_upstream_key_failures",
+            "Upstream answers that made a request fail over, by key index.",
+            ("index",),
+            registry=registry,
+        )
+        self._key_benched = Counter(
+            "openai_proxy_upstream_key_benched",
+            "Times each server-held key was benched, by key index.",
+            ("index",),
+            registry=registry,
+        )
+        self._key_names: set[str] = set()
 
         # Binding label children once keeps label validation and the
         # metric's lock off the per-request path; it also makes every series
@@ -340,6 +378,44 @@ class Metrics:
     def stream_blocked(self) -> None:
         """Count a streamed response that moderation cut off."""
         self._blocked_streams.inc()
+
+    def _key_label(self, name: str) -> str:
+        # Names come from the keys file, not from clients; still, reloads
+        # could add names without end, so the label set is capped.
+        if name in self._key_names:
+            return name
+        if len(self._key_names) < MAX_KEY_LABELS:
+            self._key_names.add(name)
+            return name
+        return "other"
+
+    def tokens(self, key: str, prompt: int, completion: int) -> None:
+        """Count the tokens one reply used on the named key C{key}."""
+        label = self._key_label(key)
+        if prompt > 0:
+            self._tokens.labels(label, "prompt").inc(prompt)
+        if completion > 0:
+            self._tokens.labels(label, "completion").inc(completion)
+
+    def rate_limited(self, key: str, limit: str) -> None:
+        """Count a request on the named key C{key} refused by C{limit}."""
+        self._rate_limited.labels(self._key_label(key), limit).inc()
+
+    def limits_error(self) -> None:
+        """Count a request whose limits could not be checked."""
+        self._limits_errors.inc()
+
+    def upstream_key_used(self, index: int) -> None:
+        """Count a request sent upstream with server key number C{index}."""
+        self._key_requests.labels(str(index)).inc()
+
+    def upstream_key_failed(self, index: int) -> None:
+        """Count an answer on server key C{index} that made its request fail over."""
+        self._key_failures.labels(str(index)).inc()
+
+    def upstream_key_benched(self, index: int) -> None:
+        """Count server key C{index} being benched."""
+        self._key_benched.labels(str(index)).inc()
 
     def resource(self, key: str | None = None) -> IResource:
         """

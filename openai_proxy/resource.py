@@ -6,6 +6,9 @@ and counts each request when it ends.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -15,6 +18,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from openai_proxy import errors
 from openai_proxy.access import log_request
+from openai_proxy.accounting import Accounting, UsagePage
+from openai_proxy.auth import KeyPolicy
 from openai_proxy.config import Config
 from openai_proxy.cors import CORS
 from openai_proxy.drain import DrainService, Readiness
@@ -53,12 +58,26 @@ class ProxyResource(Resource):
         drain: DrainService,
         readiness: Readiness,
         metrics_resource: IResource | None = None,
+        keys: KeyPolicy | None = None,
+        accounting: Accounting | None = None,
+        usage_page: UsagePage | None = None,
+        store_up: Callable[[], bool] | None = None,
+        deny_without_store: bool = False,
     ) -> None:
         super().__init__()
         self._reactor = reactor
         self._forwarder = Forwarder(
-            config, reactor, client, moderation=moderation, metrics=metrics
+            config,
+            reactor,
+            client,
+            moderation=moderation,
+            metrics=metrics,
+            keys=keys,
+            accounting=accounting,
         )
+        self._usage_page = usage_page
+        self._store_up = store_up
+        self._deny_without_store = deny_without_store
         self._cors = CORS(config.cors_origins)
         self._metrics = metrics
         self._drain = drain
@@ -82,12 +101,14 @@ class ProxyResource(Resource):
         if request.path == b"/healthz":
             return self._status(request, not self._drain.draining)
         if request.path == b"/readyz":
-            return self._status(
-                request, self._readiness.is_ready and not self._drain.draining
-            )
+            return self._ready(request)
         if request.path == b"/metrics" and self._metrics_resource is not None:
             result: bytes | int = self._metrics_resource.render(request)
             return result
+        if request.path == b"/usage" and self._usage_page is not None:
+            d = Deferred.fromCoroutine(self._usage_page.render(request))
+            d.addErrback(self._crashed, exchange)
+            return NOT_DONE_YET
         Deferred.fromCoroutine(self._forwarder.forward(exchange)).addErrback(
             self._crashed, exchange
         )
@@ -100,6 +121,22 @@ class ProxyResource(Resource):
             return _HEALTHY
         request.setResponseCode(503)
         return _DRAINING if self._drain.draining else _STARTING
+
+    def _ready(self, request: Request) -> bytes:
+        ready = self._readiness.is_ready and not self._drain.draining
+        if self._store_up is None:
+            return self._status(request, ready)
+        # With REDIS_URL, say whether Redis answers; without it, a proxy that
+        # must deny named keys is not ready for them.
+        up = self._store_up()
+        ok = ready and (up or not self._deny_without_store)
+        self._status(request, ok)
+        status = "ok" if ok else ("draining" if self._drain.draining else "starting")
+        if ready and not ok:
+            status = "unavailable"
+        return json.dumps({"status": status, "redis": "up" if up else "down"}).encode(
+            "utf-8"
+        )
 
     def _crashed(self, failure: Failure, exchange: Exchange) -> None:
         _log.failure("relay failed unexpectedly", failure)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
@@ -15,24 +16,85 @@ from twisted.python import usage
 from openai_proxy import logs
 from openai_proxy.config import Config, ConfigError
 from openai_proxy.moderation.config import MODERATION_OPTIONS
+from openai_proxy.startup import StartupLine, package_version
 
-#: (option, environment variable and default, doc) of the core settings.
-_CORE_OPTIONS: tuple[tuple[str, str, str], ...] = (
-    ("upstream", "UPSTREAM, default https://api.openai.com", "Upstream base URL."),
-    ("proxy-key-file", "PROXY_KEY", "File of accepted proxy keys."),
-    ("openai-key-file", "OPENAI_KEY", "File of server-held upstream keys."),
-    ("timeout", "TIMEOUT, default 30000", "Upstream timeout in ms."),
-    ("max-body", "MAX_BODY, default 52428800", "Largest request body in bytes."),
+#: (option, environment variable, default, doc) of the core settings.
+_CORE_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
+    ("upstream", "UPSTREAM", "https://api.openai.com", "Upstream base URL."),
     (
-        "cors-origins",
-        "CORS_ORIGINS, default *",
-        "Allowed CORS origins, comma-separated.",
+        "proxy-key-file",
+        "PROXY_KEY_FILE",
+        "none",
+        "File of accepted proxy keys (instead of PROXY_KEY).",
     ),
-    ("workers", "WORKERS, default 1", "Processes serving the ports: a number or auto."),
-    ("grace", "GRACE, default 30", "Seconds to let requests finish on SIGTERM."),
-    ("log-format", "LOG_FORMAT, default text", "text, or json (NDJSON on stdout)."),
-    ("metrics-listen", "METRICS_LISTEN", "Serve /metrics here, not on the main port."),
+    (
+        "openai-key-file",
+        "OPENAI_KEY_FILE",
+        "none",
+        "File of server-held upstream keys (instead of OPENAI_KEY).",
+    ),
+    ("timeout", "TIMEOUT", "30000", "Upstream timeout in ms."),
+    ("max-body", "MAX_BODY", "52428800", "Largest request body in bytes."),
+    ("cors-origins", "CORS_ORIGINS", "*", "Allowed CORS origins, comma-separated."),
+    ("workers", "WORKERS", "1", "Processes serving the ports: a number or auto."),
+    ("grace", "GRACE", "30", "Seconds to let requests finish on SIGTERM."),
+    ("log-format", "LOG_FORMAT", "text", "text, or json (NDJSON on stdout)."),
+    (
+        "metrics-listen",
+        "METRICS_LISTEN",
+        "none",
+        "Serve /metrics here, not on the main port.",
+    ),
+    ("keys-file", "KEYS_FILE", "none", "TOML file of named proxy keys with limits."),
+    (
+        "inject-usage",
+        "INJECT_USAGE",
+        "1",
+        "Ask upstream for stream usage (hidden from the client).",
+    ),
+    ("key-cooldown", "KEY_COOLDOWN", "600", "Seconds a failed server key rests."),
+    (
+        "limits-on-error",
+        "LIMITS_ON_ERROR",
+        "allow",
+        "allow or deny when Redis is down.",
+    ),
 )
+
+#: (environment variable, default, doc) of the settings with no option:
+#: secrets stay off the command line (where ps would show them).
+ENVIRONMENT_ONLY: tuple[tuple[str, str, str], ...] = (
+    ("PROXY_KEY", "none", "Accepted proxy keys, comma-separated."),
+    ("OPENAI_KEY", "none", "Server-held upstream keys, comma-separated."),
+    ("TENCENT_CLOUD_SID", "none", "Tencent Cloud SecretId (with _SKEY)."),
+    ("TENCENT_CLOUD_SKEY", "none", "Tencent Cloud SecretKey (with _SID)."),
+    ("METRICS_KEY", "none", "Bearer token required on /metrics."),
+    ("LOG_BODIES", "0", "1: log the first 4096 bytes of request bodies."),
+    ("ADMIN_KEY", "none", "Bearer token for GET /usage (off without it)."),
+    ("REDIS_URL", "none", "redis://, rediss:// or unix:// for shared limits."),
+)
+
+
+class BadSettings(SystemExit):
+    """
+    A bad setting or option: ends the process with status 1 and, on stderr,
+    one line naming it and a pointer to C{--help}, instead of twistd's whole
+    usage text followed by the error.
+
+    @ivar message: the line naming the setting.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        # A string exit code is what Python prints to stderr on its way out.
+        super().__init__(
+            f"twistd openai-proxy: {message}\n"
+            "(twistd openai-proxy --help lists the settings)"
+        )
+
+
+def _doc(doc: str, env: str, default: str) -> str:
+    return f"{doc} [{env}, default {default}]"
 
 
 class Options(usage.Options):
@@ -40,6 +102,8 @@ class Options(usage.Options):
     Every setting also has an environment variable (see the README); an
     option given here wins over it.  Keys are read from the environment or
     from files, never from the command line.
+
+    A bad setting or option raises L{BadSettings}.
     """
 
     synopsis = "[options]"
@@ -49,12 +113,16 @@ class Options(usage.Options):
         [
             "open",
             None,
-            "Allow OPENAI_KEY without PROXY_KEY (anyone may spend it). [OPEN_PROXY=1]",
+            _doc(
+                "Allow OPENAI_KEY without PROXY_KEY (anyone may spend it).",
+                "OPEN_PROXY",
+                "0",
+            ),
         ],
     ]
     optParameters = [
-        [name, None, None, f"{doc} [{env}]"]
-        for name, env, doc in _CORE_OPTIONS + MODERATION_OPTIONS
+        [name, None, None, _doc(doc, env, default)]
+        for name, env, default, doc in _CORE_OPTIONS + MODERATION_OPTIONS
     ]
 
     def __init__(self) -> None:
@@ -63,12 +131,32 @@ class Options(usage.Options):
         self["route"] = []
 
     def opt_listen(self, description: str) -> None:
-        """Listen on this endpoint description (repeatable). [PORT, default tcp:9000]"""
+        """Listen on this endpoint description (repeatable); tcp: ones get backlog=1024 unless they set one. [PORT, default tcp:9000]"""
         self["listen"].append(description)
 
     def opt_route(self, route: str) -> None:
-        """PREFIX=URL: keys starting with PREFIX go to URL (repeatable). [ROUTES]"""
+        """PREFIX=URL: keys starting with PREFIX go to URL (repeatable; adds to the default route; none turns routing off). [ROUTES, default fk=https://openai.api2d.net]"""
         self["route"].append(route)
+
+    def opt_version(self) -> None:
+        """Print this proxy's version and exit."""
+        print(f"openai-proxy {package_version()}")
+        raise SystemExit(0)
+
+    def getUsage(self, width: int | None = None) -> str:
+        lines = ["", "Settings with no option, from the environment only:"]
+        lines += [
+            f"  {_doc(doc, env, default)}" for env, default, doc in ENVIRONMENT_ONLY
+        ]
+        return super().getUsage(width) + "\n".join(lines) + "\n"
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # twistd prints the whole usage text before a usage error, so the
+        # one line that matters scrolls away: print it alone instead.
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise BadSettings(str(e)) from None
 
     def postOptions(self) -> None:
         options = {k: v for k, v in self.items() if k not in ("listen", "route")}
@@ -122,6 +210,9 @@ def makeService(options: Options) -> service.IService:
         options,
         on_child_exit=metrics.forget_process,
     ).setServiceParent(top)
+    if not is_worker():
+        # Once per start: the workers' own makeService would repeat it.
+        StartupLine(config).setServiceParent(top)
     if config.metrics_listen is not None and not is_worker():
         metrics.make_metrics_service(
             config.metrics_listen, app.metrics.resource(config.metrics_key), reactor

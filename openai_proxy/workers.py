@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
+import re
 import signal
 import socket
 import struct
@@ -98,8 +99,8 @@ def listen_and_fork(
     Return the service that serves C{site} on every description in
     C{listen}, from C{workers} processes.
 
-    With C{workers == 1} this is exactly what C{strports.service} gives for
-    each description.  With more, every description must be a plain C{tcp:}
+    With C{workers == 1} this is what C{strports.service} gives for each
+    description (with the default backlog below).  With more, every description must be a plain C{tcp:}
     one: the service binds them when started (as twistd's privileged start)
     and starts C{workers - 1} children, each of which unpickles C{options}
     (a plain copy of the plugin's parsed options: they must pickle) and calls
@@ -109,8 +110,12 @@ def listen_and_fork(
 
     @param grace: seconds to wait for children to finish draining on stop
         before killing them.
+    A C{tcp:}/C{tcp6:} description that sets no C{backlog=} gets
+    L{DEFAULT_BACKLOG} (see L{with_default_backlog}).
+
     @raise ConfigError: when C{workers > 1} and a description is not C{tcp:}.
     """
+    listen = [with_default_backlog(d) for d in listen]
     if _inherited is not None:
         return _AdoptedPorts(_inherited, site, reactor)
     if workers <= 1:
@@ -131,6 +136,28 @@ def listen_and_fork(
     return WorkersService(
         tcp, site, workers - 1, reactor, spec, grace=grace, on_child_exit=on_child_exit
     )
+
+
+#: The listen backlog of C{tcp:} descriptions that set none, like nginx's
+#: 511 or more: Twisted's default of 50 overflows in a burst of 100 new
+#: connections, and each connection that overflows waits about a second for
+#: its SYN to be retransmitted.  The kernel caps it at C{net.core.somaxconn}.
+DEFAULT_BACKLOG = 1024
+
+
+def with_default_backlog(description: str) -> str:
+    """
+    C{description} with C{:backlog=}L{DEFAULT_BACKLOG} added when it is a
+    C{tcp:} or C{tcp6:} description that does not set C{backlog=} itself;
+    any other description unchanged.
+    """
+    # Endpoint descriptions are colon-separated, with backslash escapes.
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0].strip().lower() not in ("tcp", "tcp6"):
+        return description
+    if any(p.strip().lower().startswith("backlog=") for p in parts[1:]):
+        return description
+    return f"{description}:backlog={DEFAULT_BACKLOG}"
 
 
 def _dotted(logger: object) -> str | None:

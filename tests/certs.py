@@ -38,7 +38,7 @@ def make_certs(directory: str, host: str = "localhost") -> Certs:
     Write a new CA and a certificate for C{host} (and 127.0.0.1) signed by it
     into C{directory}.
     """
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name(

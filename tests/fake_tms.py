@@ -25,7 +25,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from twisted.internet import reactor as _default_reactor
@@ -193,7 +193,7 @@ class FakeTMS:
 
     def _signature(self, request: Request, body: bytes) -> str:
         timestamp = _header(request, b"x-tc-timestamp") or "0"
-        date = datetime.fromtimestamp(int(timestamp), UTC).strftime("%Y-%m-%d")
+        date = datetime.fromtimestamp(int(timestamp), timezone.utc).strftime("%Y-%m-%d")
         canonical = "\n".join(
             [
                 "POST",

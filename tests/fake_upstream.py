@@ -122,6 +122,8 @@ class FakeOpenAI(Resource):
         super().__init__()
         self.received: list[Received] = []
         self.script: Script | None = None
+        #: Scripts for requests bearing one upstream key (over C{script}).
+        self.by_key: dict[str, Script] = {}
         self.closed: list[Deferred[float]] = []
         self._calls: list[IDelayedCall] = []
         self._open: list[Request] = []
@@ -186,6 +188,10 @@ class FakeOpenAI(Resource):
         request.setHeader(b"x-request-id", b"req-fake-123")
         request.setHeader(b"openai-processing-ms", b"7")
         self._track_close(request)
+        auth = (request.getHeader(b"authorization") or b"").decode()
+        keyed = self.by_key.get(auth.removeprefix("Bearer "))
+        if keyed is not None:
+            return self._scripted(request, keyed)
         if self.script is not None:
             answer = self._scripted(request, self.script)
         else:

@@ -11,10 +11,11 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import TestCase
 
-from openai_proxy.config import Config
+from openai_proxy.config import Config, parse_workers
 from openai_proxy.drain import DEFAULT_GRACE
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
 IMAGE = "openai-proxy:latest"
 SECRETS = ("PROXY_KEY", "OPENAI_KEY", "TENCENT_CLOUD_SID", "TENCENT_CLOUD_SKEY")
 
@@ -36,6 +37,44 @@ def _kubernetes() -> dict[str, dict[str, Any]]:
 
 def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {item["name"]: item for item in container.get("env", [])}
+
+
+def _dockerfile() -> dict[str, str]:
+    """The final stage's instructions of the Dockerfile, by keyword, joined."""
+    text = (ROOT / "Dockerfile").read_text("utf-8").replace("\\\n", " ")
+    final = text.rsplit("\nFROM ", 1)[1]
+    found: dict[str, str] = {}
+    for line in final.splitlines():
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword.isupper():
+            found[keyword] = f"{found.get(keyword, '')} {rest}".strip()
+    return found
+
+
+def _image_env() -> dict[str, str]:
+    words = _dockerfile()["ENV"].split()
+    return dict(word.split("=", 1) for word in words)
+
+
+class DockerfileTests(TestCase):
+    def test_runs_as_the_uid_the_manifests_expect(self) -> None:
+        pod = _kubernetes()["Deployment"]["spec"]["template"]["spec"]
+        user = _dockerfile()["USER"]
+        self.assertEqual(
+            user,
+            f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}",
+        )
+        self.assertNotEqual(user.split(":")[0], "0")
+
+    def test_exposes_the_default_port(self) -> None:
+        self.assertEqual(_dockerfile()["EXPOSE"], str(_default_port()))
+
+    def test_healthcheck_reads_port_itself(self) -> None:
+        self.assertIn('"-m", "openai_proxy.healthcheck"', _dockerfile()["HEALTHCHECK"])
+
+    def test_workers_auto_by_default(self) -> None:
+        self.assertEqual(_image_env()["WORKERS"], "auto")
+        self.assertGreaterEqual(parse_workers(_image_env()["WORKERS"]), 1)
 
 
 class KubernetesTests(TestCase):
@@ -88,6 +127,12 @@ class KubernetesTests(TestCase):
             self.assertEqual(secret["stringData"][name], "")
         self.assertNotIn("optional", env["PROXY_KEY"]["valueFrom"]["secretKeyRef"])
 
+    def test_workers_as_in_the_image_bounded_by_a_cpu_limit(self) -> None:
+        workers = _env(self.container)["WORKERS"]["value"]
+        self.assertEqual(workers, _image_env()["WORKERS"])
+        # auto counts the CPUs the pod is given: without a limit, the node's.
+        self.assertIn("cpu", self.container["resources"]["limits"])
+
     def test_requests_resources_for_the_autoscaler(self) -> None:
         self.assertIn("cpu", self.container["resources"]["requests"])
         self.assertIn("memory", self.container["resources"]["requests"])
@@ -128,6 +173,9 @@ class ComposeTests(TestCase):
         self.assertIn(
             f":{_default_port()}/", " ".join(self.proxy["healthcheck"]["test"])
         )
+
+    def test_workers_as_in_the_image(self) -> None:
+        self.assertEqual(self.proxy["environment"]["WORKERS"], _image_env()["WORKERS"])
 
     def test_stop_grace_exceeds_drain_grace(self) -> None:
         grace = float(self.proxy["environment"].get("GRACE", DEFAULT_GRACE))

@@ -28,6 +28,7 @@ from twisted.web.server import Site
 
 from openai_proxy import workers
 from openai_proxy.config import ConfigError, check_listen, parse_workers
+from openai_proxy.cpus import available_cpus
 from tests.harness import TWISTD, client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,9 +114,7 @@ class ParseWorkersTests(unittest.TestCase):
 
     def test_number_and_auto(self) -> None:
         self.assertEqual(parse_workers("3"), 3)
-        affinity = getattr(os, "sched_getaffinity", None)  # not on PyPy
-        cpus = len(affinity(0)) if affinity else os.cpu_count()
-        self.assertEqual(parse_workers("AUTO"), cpus)
+        self.assertEqual(parse_workers("AUTO"), available_cpus())
 
     def test_bad_values(self) -> None:
         for raw in ("0", "-1", "two", "1.5"):

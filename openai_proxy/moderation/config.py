@@ -5,22 +5,76 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from openai_proxy.settings import (
+    ConfigError,
+    parse_bool,
+    parse_choice,
+    parse_positive,
+    read_secret_file,
+)
+
 DEFAULT_REFUSAL = "这个话题不适合讨论，换个话题吧。"
 
-#: (option, env, doc) for each moderation setting, for L{openai_proxy.tap.Options}.
-MODERATION_OPTIONS: tuple[tuple[str, str, str], ...] = (
-    ("moderation", "MODERATION", "off | request (default) | always"),
-    ("moderation-level", "MODERATION_LEVEL", "low (default: stop Block) | high"),
-    ("moderation-backend", "MODERATION_BACKEND", "tencent | openai | keywords"),
-    ("moderation-keywords-file", "MODERATION_KEYWORDS_FILE", "keywords file"),
-    ("moderation-on-error", "MODERATION_ON_ERROR", "block (default) | pass"),
-    ("moderation-threads", "MODERATION_THREADS", "threads for blocking backends (10)"),
-    ("moderation-timeout", "MODERATION_TIMEOUT", "ms for one moderation call (5000)"),
-    ("refusal-text", "REFUSAL_TEXT", "text that replaces blocked output"),
-    ("moderate-input", "MODERATE_INPUT", "on | off (default)"),
-    ("tencent-cloud-ap", "TENCENT_CLOUD_AP", "TMS region (ap-singapore)"),
-    ("tencent-cloud-endpoint", "TENCENT_CLOUD_ENDPOINT", "TMS host[:port]"),
-    ("tencent-cloud-biztype", "TENCENT_CLOUD_BIZTYPE", "TMS BizType"),
+#: (option, env, default, doc) for each moderation setting, for the
+#: options of L{openai_proxy.tap.Options}.
+MODERATION_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "moderation",
+        "MODERATION",
+        "request",
+        "When to moderate: off, request or always.",
+    ),
+    (
+        "moderation-level",
+        "MODERATION_LEVEL",
+        "low",
+        "low (stop Block) or high (stop all but Pass).",
+    ),
+    (
+        "moderation-backend",
+        "MODERATION_BACKEND",
+        "tencent when TENCENT_CLOUD_SID/SKEY are set, else none",
+        "tencent, openai or keywords.",
+    ),
+    (
+        "moderation-keywords-file",
+        "MODERATION_KEYWORDS_FILE",
+        "none",
+        "Terms for the keywords backend, one per line.",
+    ),
+    (
+        "moderation-on-error",
+        "MODERATION_ON_ERROR",
+        "block",
+        "What a failed moderation call counts as: block or pass.",
+    ),
+    (
+        "moderation-threads",
+        "MODERATION_THREADS",
+        "10",
+        "Threads for the blocking Tencent SDK.",
+    ),
+    (
+        "moderation-timeout",
+        "MODERATION_TIMEOUT",
+        "5000",
+        "Milliseconds for one moderation call.",
+    ),
+    (
+        "refusal-text",
+        "REFUSAL_TEXT",
+        DEFAULT_REFUSAL,
+        "Text that replaces blocked output.",
+    ),
+    ("moderate-input", "MODERATE_INPUT", "off", "on: check the request's input too."),
+    ("tencent-cloud-ap", "TENCENT_CLOUD_AP", "ap-singapore", "TMS region."),
+    (
+        "tencent-cloud-endpoint",
+        "TENCENT_CLOUD_ENDPOINT",
+        "tms.tencentcloudapi.com",
+        "TMS host, or host:port.",
+    ),
+    ("tencent-cloud-biztype", "TENCENT_CLOUD_BIZTYPE", "none", "TMS BizType."),
 )
 
 
@@ -46,16 +100,19 @@ class ModerationConfig:
     @classmethod
     def load(cls, source: Callable[[str, str], str | None]) -> ModerationConfig:
         """Parse the moderation settings; raise C{ConfigError} naming a bad one."""
-        from openai_proxy.config import (
-            ConfigError,
-            parse_bool,
-            parse_choice,
-            parse_positive,
-            read_secret_file,
-        )
-
         sid = source("", "TENCENT_CLOUD_SID") or None
         skey = source("", "TENCENT_CLOUD_SKEY") or None
+        # One without the other is a typo, not a choice: starting without
+        # the moderation it was meant to enable would be silent.
+        for given, missing, value in (
+            ("TENCENT_CLOUD_SID", "TENCENT_CLOUD_SKEY", skey),
+            ("TENCENT_CLOUD_SKEY", "TENCENT_CLOUD_SID", sid),
+        ):
+            if (sid or skey) and not value:
+                raise ConfigError(
+                    missing,
+                    f"{given} is set but {missing} is not; set both, or neither",
+                )
         backend_raw = source("moderation-backend", "MODERATION_BACKEND")
         default_backend = "tencent" if sid and skey else ""
         backend = (

@@ -105,12 +105,14 @@ class Moderation(Service):
 
         Returns L{None} when it is not: not a completion path, C{MODERATION}
         is C{off} and the request does not ask, or C{request} and the
-        request does not send C{"moderation": true}.
+        request's C{"moderation"} does not ask (see
+        L{openai_proxy.moderation.policy.requested_moderation}).
 
-        @raise RequestRefused: 400 C{moderation_unavailable} when moderation
-            is asked for (or C{always}) but no backend is configured or
-            C{MODERATION=off}; 400 C{invalid_moderation_level} for a bad
-            C{moderation_level}.
+        @raise RequestRefused: 400 C{invalid_moderation} for a C{"moderation"}
+            value that is neither yes nor no; 400 C{moderation_unavailable}
+            when moderation is asked for (or C{always}) but no backend is
+            configured or C{MODERATION=off}; 400 C{invalid_moderation_level}
+            for a bad C{moderation_level}.
         """
         kind = _kind(path)
         if kind is None or not wants_moderation(self.config.mode, body):

@@ -1,0 +1,310 @@
+"""
+Per-key limits (requests per minute, tokens per minute, requests in flight)
+and usage counts: the L{Limiter} interface, what a decision looks like to a
+client (429 body and C{x-ratelimit-*} headers, shaped like OpenAI's), and
+the in-process implementation.
+
+Windows slide over the last 60 seconds in one-second buckets, so a client
+is never let through twice its limit at a minute's edge and never waits more
+than a minute.  The Redis implementation (L{openai_proxy.redisstore}) runs
+the same algorithm in a server-side script.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twisted.internet.defer import Deferred, succeed
+
+from openai_proxy.errors import ProxyError
+from openai_proxy.keys import NamedKey
+
+#: Seconds a window spans.
+WINDOW = 60
+#: Seconds a client over its concurrency limit is told to wait.
+CONCURRENCY_RETRY = 1.0
+#: The C{limit} label values of C{openai_proxy_rate_limited_total}.
+LIMIT_KINDS = ("requests", "tokens", "concurrency")
+COUNTS = ("requests", "prompt_tokens", "completion_tokens")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """
+    The outcome of one admission check.
+
+    @ivar denied: L{None} when admitted, else which limit refused it
+        (one of L{LIMIT_KINDS}).
+    @ivar retry_after: seconds until the refusing limit lets one through.
+    @ivar requests_used: requests in the window (this one included when
+        admitted).
+    @ivar tokens_used: tokens charged in the window.
+    @ivar requests_reset / tokens_reset: seconds until the oldest request /
+        tokens in the window leave it.
+    """
+
+    denied: str | None = None
+    retry_after: float = 0.0
+    requests_used: int = 0
+    requests_reset: float = 0.0
+    tokens_used: int = 0
+    tokens_reset: float = 0.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens one reply used, as the upstream reported them."""
+
+    prompt: int = 0
+    completion: int = 0
+
+
+@dataclass
+class Report:
+    """Usage counts per key for one day and one month (UTC)."""
+
+    day: str
+    month: str
+    today: dict[str, dict[str, int]] = field(default_factory=dict)
+    this_month: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def as_json(self, names: Sequence[str]) -> dict[str, object]:
+        """The C{GET /usage} document, listing every name in C{names}."""
+        keys = {}
+        for name in names:
+            keys[name] = {
+                "today": _with_total(self.today.get(name, {})),
+                "month": _with_total(self.this_month.get(name, {})),
+            }
+        return {"day": self.day, "month": self.month, "keys": keys}
+
+
+def _with_total(counts: dict[str, int]) -> dict[str, int]:
+    out = {name: int(counts.get(name, 0)) for name in COUNTS}
+    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    return out
+
+
+class LimitsUnavailable(Exception):
+    """The shared store could not be asked (Redis down)."""
+
+
+class Limiter(Protocol):
+    """Where limits are checked and usage is counted."""
+
+    def admit(self, key: NamedKey, ticket: str) -> Deferred[Decision]:
+        """
+        Check C{key}'s limits for one more request; when admitted, count it
+        (its request, and its slot in flight under C{ticket}).  Fails with
+        L{LimitsUnavailable} when the store cannot be asked.
+        """
+
+    def settle(self, key: NamedKey, ticket: str, usage: Usage | None) -> None:
+        """An admitted request ended: free its slot, charge its tokens."""
+
+    def report(self, now: float) -> Deferred[Report]:
+        """Usage counts for the day and month of C{now}."""
+
+
+def periods(now: float) -> tuple[str, str]:
+    """The UTC day (C{YYYY-MM-DD}) and month (C{YYYY-MM}) of C{now}."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(now))
+    return day, day[:7]
+
+
+def format_reset(seconds: float) -> str:
+    """A duration the way OpenAI's C{x-ratelimit-reset-*} headers write it."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest_text = f"{round(rest, 3):g}s"
+    return f"{int(minutes)}m{rest_text}" if minutes else rest_text
+
+
+def rate_headers(key: NamedKey, decision: Decision) -> list[tuple[bytes, bytes]]:
+    """The C{x-ratelimit-*} headers for C{key} after C{decision}."""
+    headers: list[tuple[bytes, bytes]] = []
+    for kind, limit, used, reset in (
+        ("requests", key.rpm, decision.requests_used, decision.requests_reset),
+        ("tokens", key.tpm, decision.tokens_used, decision.tokens_reset),
+    ):
+        if limit is None:
+            continue
+        headers += [
+            (b"x-ratelimit-limit-" + kind.encode(), b"%d" % limit),
+            (b"x-ratelimit-remaining-" + kind.encode(), b"%d" % max(0, limit - used)),
+            (b"x-ratelimit-reset-" + kind.encode(), format_reset(reset).encode()),
+        ]
+    return headers
+
+
+def rate_limited(key: NamedKey, decision: Decision) -> ProxyError:
+    """The 429 a client gets when C{decision} refused it."""
+    wait = max(decision.retry_after, 0.001)
+    when = format_reset(wait)
+    if decision.denied == "tokens":
+        message = (
+            f"Rate limit reached for key {key.name!r} on tokens per minute (TPM): "
+            f"Limit {key.tpm}, Used {decision.tokens_used}. "
+            f"Please try again in {when}."
+        )
+        type_ = "tokens"
+    elif decision.denied == "concurrency":
+        message = (
+            f"Too many requests in flight for key {key.name!r}: "
+            f"Limit {key.concurrency}. Please try again in {when}."
+        )
+        type_ = "requests"
+    else:
+        message = (
+            f"Rate limit reached for key {key.name!r} on requests per minute (RPM): "
+            f"Limit {key.rpm}, Used {decision.requests_used}, Requested 1. "
+            f"Please try again in {when}."
+        )
+        type_ = "requests"
+    headers = [
+        (b"retry-after", b"%d" % max(1, math.ceil(wait))),
+        (b"retry-after-ms", b"%d" % max(1, math.ceil(wait * 1000))),
+        *rate_headers(key, decision),
+    ]
+    return ProxyError(
+        429, message, "rate_limit_exceeded", type_, headers=tuple(headers)
+    )
+
+
+class _Window:
+    """Amounts in one-second buckets over the last L{WINDOW} seconds."""
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        self.buckets: deque[list[int]] = deque()
+        self.total = 0
+
+    def trim(self, now: float) -> None:
+        buckets = self.buckets
+        while buckets and buckets[0][0] + WINDOW <= now:
+            self.total -= buckets.popleft()[1]
+
+    def add(self, now: float, amount: int) -> None:
+        second = int(now)
+        if self.buckets and self.buckets[-1][0] == second:
+            self.buckets[-1][1] += amount
+        else:
+            self.buckets.append([second, amount])
+        self.total += amount
+
+    def wait(self, limit: int, now: float) -> float:
+        """Seconds until the total falls below C{limit}."""
+        need = self.total - limit + 1
+        for second, amount in self.buckets:
+            need -= amount
+            if need <= 0:
+                return second + WINDOW - now
+        return 0.0
+
+    def reset(self, now: float) -> float:
+        return self.buckets[0][0] + WINDOW - now if self.buckets else 0.0
+
+
+class _KeyState:
+    __slots__ = ("requests", "tokens", "in_flight")
+
+    def __init__(self) -> None:
+        self.requests = _Window()
+        self.tokens = _Window()
+        self.in_flight = 0
+
+
+class LocalLimiter:
+    """
+    Limits and usage kept in this process: with several worker processes,
+    each enforces its own share.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._keys: dict[str, _KeyState] = {}
+        self._usage: dict[str, dict[str, dict[str, int]]] = {}
+
+    def admit(self, key: NamedKey, ticket: str) -> Deferred[Decision]:
+        return succeed(self.decide(key))
+
+    def decide(self, key: NamedKey) -> Decision:
+        """L{admit}, without the L{Deferred}."""
+        now = self._clock()
+        state = self._keys.get(key.name)
+        if state is None:
+            state = self._keys[key.name] = _KeyState()
+        requests, tokens = state.requests, state.tokens
+        requests.trim(now)
+        tokens.trim(now)
+        denied, retry = None, 0.0
+        if key.concurrency is not None and state.in_flight >= key.concurrency:
+            denied, retry = "concurrency", CONCURRENCY_RETRY
+        elif key.rpm is not None and requests.total >= key.rpm:
+            denied, retry = "requests", requests.wait(key.rpm, now)
+        elif key.tpm is not None and tokens.total >= key.tpm:
+            denied, retry = "tokens", tokens.wait(key.tpm, now)
+        else:
+            if key.rpm is not None:
+                requests.add(now, 1)
+            state.in_flight += 1
+            self._count(key.name, now, "requests", 1)
+        return Decision(
+            denied,
+            retry,
+            requests.total,
+            requests.reset(now),
+            tokens.total,
+            tokens.reset(now),
+        )
+
+    def settle(self, key: NamedKey, ticket: str, usage: Usage | None) -> None:
+        now = self._clock()
+        state = self._keys.get(key.name)
+        if state is not None and state.in_flight > 0:
+            state.in_flight -= 1
+        if usage is None:
+            return
+        spent = usage.prompt + usage.completion
+        if state is not None and key.tpm is not None and spent > 0:
+            state.tokens.trim(now)
+            state.tokens.add(now, spent)
+        self._count(key.name, now, "prompt_tokens", usage.prompt)
+        self._count(key.name, now, "completion_tokens", usage.completion)
+
+    def _count(self, name: str, now: float, what: str, amount: int) -> None:
+        if not amount:
+            return
+        for period in periods(now):
+            table = self._usage.get(period)
+            if table is None:
+                self._forget_old(now)
+                table = self._usage[period] = {}
+            counts = table.setdefault(name, {})
+            counts[what] = counts.get(what, 0) + amount
+
+    def _forget_old(self, now: float) -> None:
+        current = periods(now)
+        for period in list(self._usage):
+            if period not in current:
+                del self._usage[period]
+
+    def report(self, now: float) -> Deferred[Report]:
+        day, month = periods(now)
+        return succeed(
+            Report(
+                day,
+                month,
+                {k: dict(v) for k, v in self._usage.get(day, {}).items()},
+                {k: dict(v) for k, v in self._usage.get(month, {}).items()},
+            )
+        )

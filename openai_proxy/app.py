@@ -12,6 +12,7 @@ from typing import Any, cast
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
 from openai_proxy import logs
 from openai_proxy.accounting import Accounting, UsagePage
@@ -28,6 +29,10 @@ from openai_proxy.server import ProxySite
 from openai_proxy.upstream import make_client, make_pool
 
 _PROBE_INTERVAL = 5.0  # seconds between attempts to reach the moderation backend
+#: Proxy keys shorter than this are warned about at start-up.
+SHORT_KEY = 16
+
+_log = Logger()
 
 
 class ProxyApp(Service):
@@ -115,8 +120,21 @@ class ProxyApp(Service):
             deny_without_store=config.limits_on_error == "deny",
         )
         self.site = ProxySite(
-            self.resource, config.max_body, allow_any_origin="*" in config.cors_origins
+            self.resource,
+            config.max_body,
+            allow_any_origin="*" in config.cors_origins,
+            header_timeout=config.header_timeout,
+            authorize=self.resource.authorize,
         )
+        short = sum(1 for key in config.proxy_keys if len(key) < SHORT_KEY)
+        if short:
+            # Never the keys themselves: how many, and what to do.
+            _log.warn(
+                "{count} of the proxy keys (PROXY_KEY) are shorter than {length} "
+                "characters and easy to guess; use long random keys",
+                count=short,
+                length=SHORT_KEY,
+            )
         logs.register_secrets(
             [
                 *config.proxy_keys,

@@ -92,7 +92,11 @@ class Config:
     proxy_keys: tuple[str, ...] = field(default=(), repr=False)
     openai_keys: tuple[str, ...] = field(default=(), repr=False)
     timeout: float = 30.0
+    send_timeout: float = 60.0
+    header_timeout: float = 30.0
     max_body: int = 52_428_800
+    max_moderated_body: int = 10_485_760
+    max_decoded_body: int = 67_108_864
     cors_origins: tuple[str, ...] = ("*",)
     open_proxy: bool = False
     workers: int = 1
@@ -139,11 +143,39 @@ class Config:
                 "--timeout/TIMEOUT", source("timeout", "TIMEOUT"), 30000
             )
             / 1000.0,
+            send_timeout=parse_positive(
+                "--send-timeout/SEND_TIMEOUT",
+                source("send-timeout", "SEND_TIMEOUT"),
+                60000,
+            )
+            / 1000.0,
+            header_timeout=parse_positive(
+                "--header-timeout/HEADER_TIMEOUT",
+                source("header-timeout", "HEADER_TIMEOUT"),
+                30000,
+            )
+            / 1000.0,
             max_body=int(
                 parse_positive(
                     "--max-body/MAX_BODY",
                     source("max-body", "MAX_BODY"),
                     cls.max_body,
+                    integer=True,
+                )
+            ),
+            max_moderated_body=int(
+                parse_positive(
+                    "--max-moderated-body/MAX_MODERATED_BODY",
+                    source("max-moderated-body", "MAX_MODERATED_BODY"),
+                    cls.max_moderated_body,
+                    integer=True,
+                )
+            ),
+            max_decoded_body=int(
+                parse_positive(
+                    "--max-decoded-body/MAX_DECODED_BODY",
+                    source("max-decoded-body", "MAX_DECODED_BODY"),
+                    cls.max_decoded_body,
                     integer=True,
                 )
             ),

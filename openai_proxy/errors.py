@@ -107,6 +107,33 @@ UPSTREAM_FAILED = ProxyError(
 )
 
 
+DUPLICATE_AUTHORIZATION = ProxyError(
+    400,
+    "The request carries more than one Authorization header.",
+    "duplicate_authorization",
+)
+BAD_HOST = ProxyError(
+    400,
+    "The request must carry exactly one Host header.",
+    "invalid_host_header",
+)
+HEADER_TIMEOUT = ProxyError(
+    408,
+    "The request's headers did not arrive in time.",
+    "request_timeout",
+)
+HEADERS_TOO_LARGE = ProxyError(
+    431,
+    "The request's headers are too large.",
+    "request_headers_too_large",
+)
+URI_TOO_LONG = ProxyError(
+    414,
+    "The request line is too long.",
+    "request_uri_too_long",
+)
+
+
 def body_too_large(limit: int) -> ProxyError:
     """The 413 error for a request body over C{limit} bytes."""
     return ProxyError(

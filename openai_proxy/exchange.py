@@ -9,6 +9,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError, TimeoutError
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 from twisted.web.server import Request
@@ -18,6 +19,8 @@ from openai_proxy.errors import ProxyError, write_error
 from openai_proxy.metrics import RequestHandle
 from openai_proxy.moderation import StreamModerator
 from openai_proxy.relay import BodyRelay
+
+_log = Logger()
 
 
 class Exchange:
@@ -43,6 +46,9 @@ class Exchange:
         self.relay: BodyRelay | None = None
         self.moderator: StreamModerator | None = None
         self.upstream_host: str | None = None
+        #: Set when the proxy cut the client off because the upstream broke
+        #: off mid-body: the connection's loss is then not the client's doing.
+        self.upstream_fault = False
         request.notifyFinish().addErrback(self._client_left)
 
     def _client_left(self, reason: Failure) -> None:
@@ -79,10 +85,26 @@ class Exchange:
         if self._closing():
             write_error(self.request, error)
 
-    def abort(self) -> None:
-        """Close the connection: the only way to say a body is incomplete."""
+    def abort(self, *, upstream_fault: bool = False) -> None:
+        """
+        Close the connection: the only way to say a body is incomplete.
+        C{upstream_fault} says the upstream, not the client, broke it.
+        """
         if self._closing():
+            self.upstream_fault = upstream_fault
             self.request.loseConnection()
+
+    def client_stalled(self) -> None:
+        """
+        The client read nothing for the send timeout while the proxy held
+        the upstream paused for it: cut it off (counted as its hang-up).
+        """
+        if self.gone:
+            return
+        _log.info("client stopped reading for the send timeout; closing its connection")
+        transport: Any = self.request.channel.transport
+        # loseConnection would wait for a buffer the client never reads.
+        transport.abortConnection()
 
 
 def upstream_error(failure: Failure) -> ProxyError:

@@ -13,15 +13,15 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import GzipDecoder
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 
-from openai_proxy import errors
+from openai_proxy import errors, hop
 from openai_proxy.accounting import Account, Accounting
-from openai_proxy.auth import KeyPolicy
-from openai_proxy.bodies import request_body
+from openai_proxy.auth import Grant, KeyPolicy
+from openai_proxy.bodies import ClientGone, request_body
 from openai_proxy.config import Config
+from openai_proxy.decoding import ENCODINGS, DecodedResponse, DecodeError
 from openai_proxy.errors import ProxyError
 from openai_proxy.exchange import ERROR_KINDS, Exchange, upstream_error
 from openai_proxy.failover import (
@@ -42,6 +42,9 @@ _log = Logger()
 _SSE = b"text/event-stream"
 # A body the proxy reads reaches the client decoded, in its own framing.
 _READ_RESPONSE_DROPPED = RESPONSE_DROPPED | {b"content-encoding"}
+
+# So that headers the upstream's Connection header names can be dropped.
+hop.install()
 
 
 class Forwarder:
@@ -68,9 +71,21 @@ class Forwarder:
         self._cooldown = config.key_cooldown
         self._upstreams = Upstreams(config.upstream, config.routes)
         self._timeout = config.timeout
+        self._send_timeout = config.send_timeout
+        self._max_decoded = config.max_decoded_body
+        self._max_parsed = config.max_moderated_body
         self._log_bodies = config.log_bodies
         self._moderation = moderation
         self._metrics = metrics
+
+    def authorize(self, authorization: bytes | None) -> Grant:
+        """
+        What a request with this C{Authorization} value may do (checked
+        when its headers arrive, before its body is read).
+
+        @raise ProxyError: 401 or 403, as L{KeyPolicy.authorize}.
+        """
+        return self._keys.authorize(authorization)
 
     async def forward(self, exchange: Exchange) -> None:
         """
@@ -80,12 +95,18 @@ class Forwarder:
         request = exchange.request
         account: Account | None = None
         try:
-            grant = self._keys.authorize(request.getHeader(b"authorization"))
+            # Checked already when the headers came in (ProxySite.screen).
+            grant: Grant | None = getattr(request, "grant", None)
+            if grant is None:
+                grant = self._keys.authorize(request.getHeader(b"authorization"))
             key = grant.upstream_key
             if grant.named is not None and self._accounting is not None:
                 account = await self._accounting.open(request, grant.named)
-            body, fields = request_body(
-                exchange, self._moderation, log_bodies=self._log_bodies
+            body, fields = await request_body(
+                exchange,
+                self._moderation,
+                log_bodies=self._log_bodies,
+                max_parsed=self._max_parsed,
             )
             plan = None
             if request.method == b"POST":
@@ -108,6 +129,10 @@ class Forwarder:
             if account is not None:
                 account.close()
             exchange.fail(e)
+            return
+        except ClientGone:
+            if account is not None:
+                account.close()
             return
         try:
             if response is not None:
@@ -230,12 +255,23 @@ class Forwarder:
         read = (moderated or metered) and (sse or b"json" in ctype)
         encodings = response.headers.getRawHeaders(b"content-encoding")
         if read and encodings:
-            # Asked for identity, the upstream compressed anyway.
-            if [e.strip().lower() for e in encodings] not in ([b"gzip"], [b"x-gzip"]):
+            # Asked for identity, the upstream compressed anyway: decoded
+            # strictly and within MAX_DECODED_BODY, or refused.
+            if len(encodings) != 1 or b"," in encodings[0]:
+                encoding = b"(several)"
+            else:
+                encoding = encodings[0].strip().lower()
+            if encoding not in ENCODINGS:
                 _discard(response)
+                self._metrics.upstream_error(ERROR_KINDS[errors.UPSTREAM_FAILED.code])
+                _log.info(
+                    "upstream {host} sent an encoding it was not asked for: {encoding}",
+                    host=exchange.upstream_host,
+                    encoding=encoding.decode("ascii", "replace"),
+                )
                 exchange.fail(errors.UPSTREAM_FAILED)
                 return
-            response = GzipDecoder(response)
+            response = DecodedResponse(response, encoding, self._max_decoded)
         request.setResponseCode(response.code, response.phrase)
         copy_headers(
             response.headers,
@@ -280,7 +316,14 @@ class Forwarder:
         Deliver the response body to C{sink} as it arrives; return L{None}
         when it ended normally, else why it did not.
         """
-        relay = BodyRelay(sink, exchange.request, self._reactor, self._timeout)
+        relay = BodyRelay(
+            sink,
+            exchange.request,
+            self._reactor,
+            self._timeout,
+            self._send_timeout,
+            exchange.client_stalled,
+        )
         exchange.relay = relay
         response.deliverBody(relay)
         try:
@@ -309,8 +352,9 @@ class Forwarder:
             # learns that the answer is cut short, not just that it ended.
             exchange.write(format_event(error.body().decode("utf-8"), "error"))
         else:
-            # Mid-body, only a closed connection says "incomplete".
-            exchange.abort()
+            # Mid-body, only a closed connection says "incomplete"; the
+            # upstream's fault, not a client hang-up.
+            exchange.abort(upstream_fault=True)
 
     async def _relay_moderated_stream(
         self,
@@ -347,12 +391,30 @@ class Forwarder:
         account: Account | None,
     ) -> None:
         chunks: list[bytes] = []
-        sink = chunks.append
+        held = 0
+        limit = self._max_decoded
+
+        def collect(data: bytes) -> None:
+            # Held whole until judged: never more than MAX_DECODED_BODY of it.
+            nonlocal held
+            held += len(data)
+            if held <= limit:
+                chunks.append(data)
+            elif chunks or held - len(data) <= limit:
+                chunks.clear()
+                if exchange.relay is not None:
+                    exchange.relay.stop()
+
+        sink: Callable[[bytes], None] = collect
         if account is not None:
             sink = account.metered(sink, sse=False)
         broken = await self._deliver(exchange, response, sink)
         if account is not None:
             account.end_of_body()
+        if held > limit:
+            broken = Failure(
+                DecodeError(f"the body is larger than {limit} bytes (MAX_DECODED_BODY)")
+            )
         if broken is not None:
             self._broken_body(exchange, broken, False)
             return

@@ -46,11 +46,13 @@ REQUEST_DROPPED = _HOP_BY_HOP | {
 }
 
 #: Never sent to the client: the upstream's cookies, its CORS answer (the
-#: proxy gives its own), and headers twisted.web writes itself or that
-#: describe the upstream's framing (the proxy sets C{Content-Length} from
-#: the body it relays).  C{Content-Encoding} passes: an unread body is
-#: relayed as the upstream encoded it.
+#: proxy gives its own), the proxy's own request id (which an upstream must
+#: not forge), and headers twisted.web writes itself or that describe the
+#: upstream's framing (the proxy sets C{Content-Length} from the body it
+#: relays).  C{Content-Encoding} passes: an unread body is relayed as the
+#: upstream encoded it.
 RESPONSE_DROPPED = _HOP_BY_HOP | {
+    b"x-proxy-request-id",
     b"set-cookie",
     b"set-cookie2",
     b"content-length",

@@ -57,7 +57,8 @@ _SECRET_SHAPES: Final = (
     r"\bAKID[A-Za-z0-9]{6,}",
     r"(?i:\bsignature=)[0-9A-Fa-f]{16,}",
 )
-# Registering a very short secret would redact ordinary words everywhere.
+# A shorter secret is redacted only as a word of its own: anywhere, it would
+# redact pieces of ordinary words.
 _MIN_SECRET_LENGTH: Final = 4
 # Containers nested deeper than this are replaced whole by REDACTED.
 _MAX_DEPTH: Final = 6
@@ -110,16 +111,25 @@ def register_secrets(values: Iterable[str | None]) -> None:
     """
     Redact these exact strings (and their JSON-escaped forms) from every log
     line from now on, e.g. the proxy and upstream keys from the config.
-    L{None}, empty and shorter-than-4-character values are ignored.
+    L{None} and empty values are ignored.  A secret shorter than 4
+    characters is redacted only where it stands alone (not inside a longer
+    word of letters, digits, C{-} or C{_}), so that it does not blank out
+    every word it happens to appear in.
     """
     global _pattern
     for value in values:
-        if value and len(value) >= _MIN_SECRET_LENGTH:
+        if value:
             _registered.add(value)
             _registered.add(json.dumps(value)[1:-1])
     # Longest first, so a secret containing another is removed whole.
     literals = sorted(_registered, key=len, reverse=True)
-    _pattern = re.compile("|".join([*map(re.escape, literals), *_SECRET_SHAPES]))
+    _pattern = re.compile("|".join([*map(_literal, literals), *_SECRET_SHAPES]))
+
+
+def _literal(secret: str) -> str:
+    if len(secret) >= _MIN_SECRET_LENGTH:
+        return re.escape(secret)
+    return rf"(?<![\w-]){re.escape(secret)}(?![\w-])"
 
 
 def redact_text(text: str) -> str:

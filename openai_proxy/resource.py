@@ -19,7 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from openai_proxy import errors
 from openai_proxy.access import log_request
 from openai_proxy.accounting import Accounting, UsagePage
-from openai_proxy.auth import KeyPolicy
+from openai_proxy.auth import Grant, KeyPolicy
 from openai_proxy.config import Config
 from openai_proxy.cors import CORS
 from openai_proxy.drain import DrainService, Readiness
@@ -84,10 +84,34 @@ class ProxyResource(Resource):
         self._readiness = readiness
         self._metrics_resource = metrics_resource
 
+    def authorize(
+        self, method: bytes, path: bytes, authorization: bytes | None
+    ) -> Grant | None:
+        """
+        The early key check (see L{openai_proxy.server.Authorize}): L{None}
+        for the paths this resource answers itself, else what
+        C{authorization} grants.
+
+        @raise ProxyError: 401 or 403 when the key is missing or wrong.
+        """
+        # Keep in step with render: these are the requests it answers
+        # without forwarding (each checks its own key, if any).
+        if (
+            method == b"OPTIONS"
+            or not path.startswith(b"/")
+            or path in (b"/healthz", b"/readyz")
+            or (path == b"/metrics" and self._metrics_resource is not None)
+            or (path == b"/usage" and self._usage_page is not None)
+        ):
+            return None
+        return self._forwarder.authorize(authorization)
+
     def render(self, request: Request) -> bytes | int:
         self._drain.track(request)
         request.setHeader(b"x-proxy-request-id", new_request_id().encode("ascii"))
-        self._cors.apply(request)
+        # Metrics are for the operator's scraper, never for a web page's script.
+        if not (request.path == b"/metrics" and self._metrics_resource is not None):
+            self._cors.apply(request)
         handle = self._metrics.request_started(
             request.method, route_family(request.path)
         )
@@ -95,6 +119,10 @@ class ProxyResource(Resource):
         request.notifyFinish().addBoth(self._finished, exchange)
         if not request.uri.startswith(b"/"):
             write_error(request, errors.ABSOLUTE_URI)
+            return NOT_DONE_YET
+        early: ProxyError | None = getattr(request, "early_error", None)
+        if early is not None:  # found by the site when the headers came in
+            write_error(request, early)
             return NOT_DONE_YET
         if request.method == b"OPTIONS":
             return self._cors.preflight(request)
@@ -151,7 +179,9 @@ class ProxyResource(Resource):
 
     def _finished(self, result: object, exchange: Exchange) -> None:
         request = exchange.request
-        hung_up = isinstance(result, Failure)
+        # A connection the proxy closed because the upstream broke off is
+        # logged with the status it sent, not as the client's hang-up.
+        hung_up = isinstance(result, Failure) and not exchange.upstream_fault
         # 499: nginx's "client closed request", for a response never completed.
         status = 499 if hung_up else request.code
         exchange.metrics.finished(

@@ -1,51 +1,113 @@
 """
-The HTTP server side: a C{Site} whose requests refuse oversized bodies
-before reading them in full.
+The HTTP server side: a C{Site} whose connections give a request's head a
+deadline and a size limit, and whose requests are screened (key, C{Host},
+C{Authorization}, body size) as soon as their headers are in, before any
+of their body is read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from openai_proxy import errors
 from openai_proxy.access import log_request
+from openai_proxy.auth import Grant
+from openai_proxy.errors import ProxyError
+from openai_proxy.logs import new_request_id
+
+#: C{authorize(method, path, authorization)}: what a request may do (a
+#: L{Grant}; L{None} when its path needs no key), or raise the L{ProxyError}
+#: refusing it.
+Authorize = Callable[[bytes, bytes, "bytes | None"], "Grant | None"]
+
+#: Of a refused request's body, at most this much is read (and thrown away)
+#: before the connection is closed: enough for a client that sends its whole
+#: body before reading to see the answer, too little to cost anything.
+_DRAIN_LIMIT = 1_048_576
+
+_REASONS = {
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+
+
+def _raw_error(transport: Any, error: ProxyError, *, cors: bool) -> None:
+    # Written straight to the connection, which is closed after it: the
+    # request never reaches a resource.
+    body = error.body()
+    reason = _REASONS.get(error.status, b"Error")
+    head = [
+        b"HTTP/1.1 %d %s" % (error.status, reason),
+        b"Content-Type: " + errors.JSON_CONTENT_TYPE,
+        b"Content-Length: %d" % len(body),
+        b"X-Proxy-Request-Id: " + new_request_id().encode("ascii"),
+        b"Connection: close",
+    ]
+    if cors:
+        head.append(b"Access-Control-Allow-Origin: *")
+    transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
 
 
 class ProxyRequest(Request):
     """
-    A request that answers 413 as soon as its body is known to be larger
-    than the site's C{max_body}: at the headers when C{Content-Length} says
-    so, else once a chunked body passes the limit.  The rest of the body is
-    then discarded, not stored, and the connection closed after it.
+    A request screened when its headers are complete (L{ProxySite.screen}):
+    a bad one is answered at once.  When a body was coming, the answer is
+    written straight away, without a C{100 Continue}, the body is not
+    stored, and the connection is closed; otherwise the resource answers it
+    with L{early_error}.  A chunked body that passes C{max_body} is refused
+    with 413 the same way.
+
+    @ivar grant: what the early key check granted, so that the forwarder
+        need not check again.
+    @ivar early_error: the error to answer a body-less request with.
     """
 
     channel: Any
+    grant: Grant | None = None
+    early_error: ProxyError | None = None
     _refused = False
     _received = 0
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.channel.site.max_body:
+        site: ProxySite = self.channel.site
+        error = site.screen(self)
+        if error is None and length is not None and length > site.max_body:
+            error = errors.body_too_large(site.max_body)
+        if error is not None:
             expecting = self.requestHeaders.getRawHeaders(b"expect")
             # No "100 Continue": the client need not send the body at all.
             self.requestHeaders.removeHeader(b"expect")
-            self._refuse()
-            if expecting:
-                # It is waiting for our word before sending: nothing to drain.
-                self.channel.loseConnection()
-            return
+            if length == 0:
+                self.early_error = error
+            else:
+                self._refuse(error)
+                if expecting:
+                    # It is waiting for our word before sending: nothing to drain.
+                    self.channel.loseConnection()
+                return
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
         self._received += len(data)
+        if self._refused:
+            if self._received > _DRAIN_LIMIT:
+                self.channel.loseConnection()
+            return
         if self._received > self.channel.site.max_body:
-            self._refuse()
+            self._refuse(errors.body_too_large(self.channel.site.max_body))
             return
         super().handleContentChunk(data)
 
@@ -55,39 +117,44 @@ class ProxyRequest(Request):
             return
         super().requestReceived(command, path, version)
 
-    def _refuse(self) -> None:
+    def _refuse(self, error: ProxyError) -> None:
         self._refused = True
+        self._received = 0
         if self.content is not None:
             self.content.close()
             self.content = None
         site: ProxySite = self.channel.site
-        body = errors.body_too_large(site.max_body).body()
-        head = [
-            b"HTTP/1.1 413 Content Too Large",
-            b"Content-Type: " + errors.JSON_CONTENT_TYPE,
-            b"Content-Length: %d" % len(body),
-            b"Connection: close",
-        ]
-        if site.allow_any_origin:
-            head.append(b"Access-Control-Allow-Origin: *")
         self.channel.persistent = False
-        # Written straight to the connection: the request line and headers
-        # are parsed, but the request will never reach a resource.
-        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        site.refused(self)
+        _raw_error(self.channel.transport, error, cors=site.allow_any_origin)
+        site.refused(self, error.status)
 
 
 class ProxyChannel(HTTPChannel):
     """
-    An C{HTTPChannel} that asks its socket for its own address once: every
-    C{Request} asks for it (C{Request.__init__} calls C{getHost}), and on a
-    TCP connection each ask is a C{getsockname} system call.
+    A connection whose requests' line and headers must arrive within the
+    site's C{header_timeout} of their first byte (of the connection's start,
+    for the first), however they trickle: else 408 and the connection is
+    closed.  An idle keep-alive connection is left to twisted.web's own
+    idle timeout.  A request line over C{MAX_LENGTH} gets 414, headers over
+    C{totalHeadersSize} get 431, before the close.
+
+    It also asks its socket for its own address once: every C{Request} asks
+    for it (C{Request.__init__} calls C{getHost}), and on a TCP connection
+    each ask is a C{getsockname} system call.
     """
 
     # A slot, not an instance attribute: one more key in the channel's
     # __dict__ made it grow, ~1.3 KB per open connection.
     __slots__ = ("_cached_host",)
     _cached_host: IAddress
+    site: ProxySite
+    _deadline: IDelayedCall | None = None
+    _awaiting_head = True
+    _head_started = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_deadline()
 
     def getHost(self) -> IAddress:
         try:
@@ -97,17 +164,85 @@ class ProxyChannel(HTTPChannel):
             host = self._cached_host = self.transport.getHost()
         return host
 
+    def dataReceived(self, data: bytes) -> None:
+        if self._awaiting_head and not self._head_started:
+            self._head_started = True
+            if self._deadline is None:  # else the connection's own is running
+                self._start_deadline()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._head_too_large()
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._head_too_large()
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_head = False
+        self._cancel_deadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        # The next request's deadline starts with its first byte.
+        self._awaiting_head = True
+        self._head_started = False
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _start_deadline(self) -> None:
+        self._cancel_deadline()
+        self._deadline = self.callLater(self.site.header_timeout, self._too_slow)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._head_started:
+            self._answer_and_close(errors.HEADER_TIMEOUT)
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    def _head_too_large(self) -> None:
+        # Still on the request line (twisted.web's private flag): 414.
+        on_first_line = bool(getattr(self, "_HTTPChannel__first_line", 0))
+        self._answer_and_close(
+            errors.URI_TOO_LONG if on_first_line else errors.HEADERS_TOO_LARGE
+        )
+
+    def _answer_and_close(self, error: ProxyError) -> None:
+        self._cancel_deadline()
+        self._awaiting_head = False
+        self.persistent = False
+        _raw_error(self.transport, error, cors=self.site.allow_any_origin)
+        # Ignore whatever else it sends; close once the answer is out.
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        if self.transport is not None:
+            self.transport.loseConnection()
+        self.site.refused_head(self, error.status)
+
 
 class ProxySite(Site):
     """
     The proxy's C{Site}: no form parsing (a relay never needs it), no
     combined-format access log (the resource logs each request with keyword
-    fields and no secrets), and the body-size limit its requests enforce.
+    fields and no secrets), the body-size limit and header deadline its
+    requests and connections enforce, and the early screening of requests.
+
+    @param authorize: called as soon as a request's headers are in (see
+        L{Authorize}); L{None} leaves key checks to the resource.
     """
 
     requestFactory = ProxyRequest
-    # The channel itself, without Twisted's wrapper that would switch to
-    # HTTP/2 (which needs the h2 package, not installed) on a TLS port.
+    # HTTP/1.1 only (as before: no TLS ALPN offers h2), with the deadline.
     protocol = ProxyChannel  # type: ignore[assignment]
 
     def __init__(
@@ -116,17 +251,50 @@ class ProxySite(Site):
         max_body: int,
         *,
         allow_any_origin: bool = True,
+        header_timeout: float = 30.0,
+        authorize: Authorize | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.max_body = max_body
         self.allow_any_origin = allow_any_origin
+        self.header_timeout = header_timeout
+        self._authorize = authorize
 
     def log(self, request: Any) -> None:
         pass
 
-    def refused(self, request: ProxyRequest) -> None:
-        """Log a request refused as too large: it never reaches the resource."""
+    def screen(self, request: ProxyRequest) -> ProxyError | None:
+        """
+        Check a request whose headers are complete (its body not yet read):
+        exactly one C{Host} (for HTTP/1.1; at most one before), at most one
+        C{Authorization}, and a key its path accepts.  Returns the error to
+        refuse it with, or L{None} (remembering the grant on the request).
+        """
+        channel = request.channel
+        headers = request.requestHeaders
+        hosts = headers.getRawHeaders(b"host") or []
+        needed = 1 if getattr(channel, "_version", b"") == b"HTTP/1.1" else 0
+        if not needed <= len(hosts) <= 1:
+            return errors.BAD_HOST
+        authorization = headers.getRawHeaders(b"authorization") or []
+        if len(authorization) > 1:
+            return errors.DUPLICATE_AUTHORIZATION
+        if self._authorize is None:
+            return None
+        target: bytes = getattr(channel, "_path", b"")
+        try:
+            request.grant = self._authorize(
+                getattr(channel, "_command", b""),
+                target.split(b"?", 1)[0],
+                authorization[0] if authorization else None,
+            )
+        except ProxyError as e:
+            return e
+        return None
+
+    def refused(self, request: ProxyRequest, status: int = 413) -> None:
+        """Log a request refused before its body was read: it never reaches the resource."""
         # Only the channel knows the request line yet (requestReceived, which
         # sets request.method and .uri, comes after the body).
         channel = request.channel
@@ -134,7 +302,18 @@ class ProxySite(Site):
         log_request(
             method=getattr(channel, "_command", b"-"),
             path=target.split(b"?", 1)[0],
-            status=413,
+            status=status,
+            bytes_out=0,
+            duration=0.0,
+            upstream=None,
+        )
+
+    def refused_head(self, channel: ProxyChannel, status: int) -> None:
+        """Log a connection refused before its request's headers were complete."""
+        log_request(
+            method=b"-",
+            path=b"-",
+            status=status,
             bytes_out=0,
             duration=0.0,
             upstream=None,

@@ -380,3 +380,18 @@ class AccessLineTests(_Isolated):
             )
             + "\n",
         )
+
+
+class ShortSecretTests(_Isolated):
+    """Item 14 of issue 9: every configured key is redacted, whatever its length."""
+
+    def test_a_three_character_key_is_redacted_where_it_stands_alone(self) -> None:
+        logs.register_secrets(["k9z", "q"])
+        self.assertEqual(
+            logs.redact_text("token=k9z key q, upstream sk-x:k9z"),
+            "token=[REDACTED] key [REDACTED], upstream sk-x:[REDACTED]",
+        )
+
+    def test_a_short_key_inside_a_longer_word_is_left_alone(self) -> None:
+        logs.register_secrets(["ab"])
+        self.assertEqual(logs.redact_text("about tab-ab_x"), "about tab-ab_x")

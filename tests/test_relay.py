@@ -519,7 +519,8 @@ class BodyLimitTests(RelayTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         await raw_request(
             self.proxy.port.getHost().port,
-            b"POST /v1/files?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+            b"POST /v1/files?x=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+            b"Content-Length: 5000\r\n"
             b"Expect: 100-continue\r\n\r\n",
         )
         [line] = [e for e in events if e.get("log_namespace") == "openai_proxy.access"]

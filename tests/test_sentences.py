@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from openai_proxy.moderation.sentences import SentenceSplitter, needs_check
+from openai_proxy.moderation.sentences import (
+    TERMINATORS,
+    SentenceSplitter,
+    needs_check,
+)
 
 
 def split(*pieces: str) -> tuple[list[str], str]:
@@ -66,3 +72,46 @@ class SplitterTests(TestCase):
         self.assertFalse(needs_check("…！\n "))
         self.assertTrue(needs_check("。a"))
         self.assertTrue(needs_check("😀"))
+
+
+def reference_split(pieces: list[str], limit: int = 200) -> tuple[list[str], str]:
+    # The splitter's rules written the slow, obvious way (one character at a
+    # time, rescanning what is pending), as the fast one must behave.
+    pending = ""
+    sentences: list[str] = []
+    for piece in pieces:
+        pending += piece
+        start = 0
+        for i, char in enumerate(pending):
+            boundary = char in TERMINATORS or (
+                char == "." and i + 1 < len(pending) and pending[i + 1].isspace()
+            )
+            if boundary or i + 1 - start >= limit:
+                sentences.append(pending[start : i + 1])
+                start = i + 1
+        pending = pending[start:]
+    return sentences, pending
+
+
+class FastSplitterTests(TestCase):
+    @given(
+        st.lists(st.text(alphabet="ab .。!?;\n…\t\u3000é", max_size=300), max_size=8)
+    )
+    def test_same_sentences_as_the_character_by_character_rules(
+        self, pieces: list[str]
+    ) -> None:
+        self.assertEqual(split(*pieces), reference_split(pieces))
+
+    def test_ten_megabytes_in_one_piece_split_in_one_pass(self) -> None:
+        text = "word " * 2_000_000 + "end."
+        sentences, tail = split(text)
+        self.assertEqual(len(sentences), len(text) // 200)
+        self.assertEqual("".join(sentences) + tail, text)
+
+    @given(st.text(max_size=50))
+    def test_needs_check_agrees_with_the_character_rule(self, text: str) -> None:
+        expected = any(
+            not c.isspace() and not unicodedata.category(c).startswith("P")
+            for c in text
+        )
+        self.assertEqual(needs_check(text), expected)

@@ -66,6 +66,18 @@ MODERATION_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
         DEFAULT_REFUSAL,
         "Text that replaces blocked output.",
     ),
+    (
+        "moderation-max-calls",
+        "MODERATION_MAX_CALLS",
+        "3000",
+        "Backend calls allowed for one reply.",
+    ),
+    (
+        "moderation-max-event-calls",
+        "MODERATION_MAX_EVENT_CALLS",
+        "20",
+        "Backend calls allowed for one SSE event.",
+    ),
     ("moderate-input", "MODERATE_INPUT", "off", "on: check the request's input too."),
     ("tencent-cloud-ap", "TENCENT_CLOUD_AP", "ap-singapore", "TMS region."),
     (
@@ -90,6 +102,8 @@ class ModerationConfig:
     threads: int = 10
     timeout: float = 5.0
     refusal_text: str = DEFAULT_REFUSAL
+    max_calls: int = 3000
+    max_event_calls: int = 20
     moderate_input: bool = False
     tencent_secret_id: str | None = field(default=None, repr=False)
     tencent_secret_key: str | None = field(default=None, repr=False)
@@ -189,6 +203,22 @@ class ModerationConfig:
             )
             / 1000.0,
             refusal_text=source("refusal-text", "REFUSAL_TEXT") or DEFAULT_REFUSAL,
+            max_calls=int(
+                parse_positive(
+                    "MODERATION_MAX_CALLS",
+                    source("moderation-max-calls", "MODERATION_MAX_CALLS"),
+                    cls.max_calls,
+                    integer=True,
+                )
+            ),
+            max_event_calls=int(
+                parse_positive(
+                    "MODERATION_MAX_EVENT_CALLS",
+                    source("moderation-max-event-calls", "MODERATION_MAX_EVENT_CALLS"),
+                    cls.max_event_calls,
+                    integer=True,
+                )
+            ),
             moderate_input=moderate_input,
             tencent_secret_id=sid,
             tencent_secret_key=skey,

@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 
 from openai_proxy.moderation.backends import Backend
 from openai_proxy.moderation.backends.keywords import KeywordsBackend
@@ -19,13 +20,15 @@ from openai_proxy.moderation.backends.openai_api import (
 )
 from openai_proxy.moderation.backends.tencent import TencentBackend, TencentSettings
 from openai_proxy.moderation.body import moderate_body
-from openai_proxy.moderation.checker import CallObserver, Checker
+from openai_proxy.moderation.checker import MAX_PIECE, CallObserver, Checker
 from openai_proxy.moderation.chunks import shape_for
 from openai_proxy.moderation.config import ModerationConfig
 from openai_proxy.moderation.errors import RequestRefused
 from openai_proxy.moderation.inputs import input_text
 from openai_proxy.moderation.policy import requested_level, wants_moderation
 from openai_proxy.moderation.stream import StreamModerator
+
+_log = Logger()
 
 #: The replies that are moderated (POST only), by path without prefix.
 KINDS = {
@@ -137,6 +140,17 @@ class Moderation(Service):
         d = self._checker.verdict("ping", upstream_key)
         return d.addBoth(lambda _: None)
 
+    def moderates(self, path: bytes) -> bool:
+        """
+        Whether requests to C{path} may be moderated on this proxy: a
+        completion path, with a backend configured and C{MODERATION} not off.
+        """
+        return (
+            _kind(path) is not None
+            and self._checker is not None
+            and self.config.mode != "off"
+        )
+
     def reads(self, path: bytes) -> bool:
         """
         Whether a JSON request to C{path} must be parsed for moderation even
@@ -212,6 +226,7 @@ class Plan:
         self.level = level
         self._checker = checker
         self._refusal = config.refusal_text
+        self._config = config
 
     def stops(self, text: str, upstream_key: str) -> Deferred[bool]:
         """Fire with whether C{text} must not reach the client (never errbacks)."""
@@ -230,6 +245,9 @@ class Plan:
             write,
             stop_upstream,
             self._refusal,
+            max_calls=self._config.max_calls,
+            max_event_calls=self._config.max_event_calls,
+            over_cap_stops=self._config.on_error == "block",
         )
 
     def moderate_body(
@@ -239,9 +257,24 @@ class Plan:
         Judge a reply that is not streamed; fire with C{(body, blocked)}
         (see L{openai_proxy.moderation.body.moderate_body}).
         """
-        return moderate_body(
-            self.kind, body, lambda text: self.stops(text, upstream_key), self._refusal
-        )
+        budget = [self._config.max_calls]
+
+        def check(text: str) -> Deferred[bool]:
+            # MODERATION_MAX_CALLS holds for a whole reply here too; past
+            # it, a text counts as a failed call (MODERATION_ON_ERROR).
+            calls = max(1, -(-len(text) // MAX_PIECE))
+            if calls > budget[0]:
+                budget[0] = 0
+                _log.warn(
+                    "moderation call cap reached for a reply; the rest counts as "
+                    "a moderation error ({verdict})",
+                    verdict=self._config.on_error,
+                )
+                return succeed(self._config.on_error == "block")
+            budget[0] -= calls
+            return self.stops(text, upstream_key)
+
+        return moderate_body(self.kind, body, check, self._refusal)
 
 
 def _build_backend(

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openai_proxy.moderation.chunks import Key, StreamShape
@@ -40,6 +42,100 @@ class _Choice:
     sentences: deque[_Sentence] = field(default_factory=deque)
 
 
+#: An SSE event this large (bytes) is parsed and split in a thread.
+LARGE_EVENT = 1_048_576
+
+#: An event that completes more sentences than this (a huge event, not a
+#: token) has them checked together, up to L{BATCH} characters a call (a
+#: backend's limit for one text); fewer are checked one by one, so a stop
+#: cuts the text at the sentence.
+BATCH_FROM = 8
+BATCH = 10_000
+
+_log = Logger()
+
+
+def _joined(sentences: list[str]) -> list[str]:
+    """
+    The sentences one event completed, as they are checked: one by one when
+    few, else joined into texts of up to L{BATCH} characters (each then
+    held and judged as one sentence, so a huge event costs few calls and
+    little bookkeeping).
+    """
+    if len(sentences) <= BATCH_FROM:
+        return sentences
+    joined: list[str] = []
+    current: list[str] = []
+    size = 0
+    for sentence in sentences:
+        if size + len(sentence) > BATCH and current:
+            joined.append("".join(current))
+            current, size = [], 0
+        current.append(sentence)
+        size += len(sentence)
+    if current:
+        joined.append("".join(current))
+    return joined
+
+
+@dataclass
+class _Batch:
+    key: Key
+    text: str
+    sentences: list[_Sentence]
+    over_cap: bool = False  # not sent: counted as a moderation error
+
+
+def _batched(checks: list[tuple[Key, str, _Sentence]]) -> list[_Batch]:
+    """Join consecutive sentences of one choice into texts of at most L{BATCH}."""
+    if len(checks) <= BATCH_FROM:
+        return [_Batch(key, text, [sentence]) for key, text, sentence in checks]
+    batches: list[_Batch] = []
+    for key, text, sentence in checks:
+        last = batches[-1] if batches else None
+        if last is not None and last.key == key and len(last.text) + len(text) <= BATCH:
+            last.text += text
+            last.sentences.append(sentence)
+        else:
+            batches.append(_Batch(key, text, [sentence]))
+    return batches
+
+
+@dataclass
+class _Prepared:
+    """One event's text cut into the sentences to check (see L{_prepare})."""
+
+    raw: bytes
+    # (choice, the event's text for it, the sentences it completed)
+    splits: list[tuple[Key, str, list[str]]]
+    # (choice, its unfinished tail), for the choices the event finished
+    tails: list[tuple[Key, str]]
+
+
+def _prepare(
+    shape: StreamShape,
+    event: SSEEvent,
+    splitters: dict[Key, SentenceSplitter],
+) -> _Prepared:
+    # The costly, pure part of taking an event (parse its JSON, cut its text
+    # into sentences): safe in a thread, as only it touches the splitters
+    # while it runs.
+    found = shape.inspect(event)
+    splits = []
+    for key, text in found.texts:
+        splitter = splitters.get(key)
+        if splitter is None:
+            splitter = splitters[key] = SentenceSplitter()
+        splits.append((key, text, _joined(splitter.feed(text))))
+    tails = []
+    for key in list(splitters) if found.all_finished else found.finished:
+        splitter = splitters.get(key)
+        tail = splitter.flush() if splitter is not None else ""
+        if tail:
+            tails.append((key, tail))
+    return _Prepared(event.raw, splits, tails)
+
+
 @dataclass
 class _Held:
     raw: bytes
@@ -59,6 +155,15 @@ class StreamModerator:
     then the text before it, then the shape's refusal events (refusal text,
     C{content_filter}, end of stream), and nothing else.
 
+    Sentences completed by one huge event are checked in batches
+    (L{BATCH_FROM}, L{BATCH}), and an event of L{LARGE_EVENT} bytes or more
+    is parsed and cut into sentences in a thread (later events wait their
+    turn), so that the reactor serves other clients meanwhile.
+    At most C{max_event_calls} calls are made for one event and
+    C{max_calls} for the whole stream; a batch past either cap is not sent
+    and counts as a failed call: stopped when C{over_cap_stops}
+    (C{MODERATION_ON_ERROR=block}), passed otherwise.
+
     @ivar blocked: whether a sentence was stopped.
     """
 
@@ -69,7 +174,16 @@ class StreamModerator:
         write: Callable[[bytes], None],
         stop_upstream: Callable[[], None],
         refusal_text: str,
+        *,
+        max_calls: int | None = None,
+        max_event_calls: int | None = None,
+        over_cap_stops: bool = True,
     ) -> None:
+        self._max_calls = max_calls
+        self._max_event_calls = max_event_calls
+        self._over_cap_stops = over_cap_stops
+        self._calls = 0
+        self._capped = False
         self._shape = shape
         self._check = check
         self._write = write
@@ -77,6 +191,10 @@ class StreamModerator:
         self._refusal_text = refusal_text
         self._parser = SSEParser()
         self._choices: dict[Key, _Choice] = {}
+        self._splitters: dict[Key, SentenceSplitter] = {}
+        self._queue: deque[SSEEvent] = deque()
+        self._busy = False  # a large event is being prepared in a thread
+        self._final_done = False  # the tails have been taken after the end
         self._held: deque[_Held] = deque()
         self._ended = False
         self._done = False  # nothing more is ever written
@@ -91,7 +209,45 @@ class StreamModerator:
         """Take upstream body bytes as they arrive."""
         if self._ended or self._done or self._cut is not None:
             return
-        self._take(self._parser.feed(data))
+        self._queue.extend(self._parser.feed(data))
+        self._pump()
+
+    def _pump(self) -> None:
+        # Take queued events in order: small ones at once, a large one in a
+        # thread (nothing else is taken until it is back).
+        while not self._busy and not self._done and self._cut is None:
+            small: list[SSEEvent] = []
+            while self._queue and len(self._queue[0].raw) < LARGE_EVENT:
+                small.append(self._queue.popleft())
+            final = self._ended and not self._queue and not self._final_done
+            if small or final:
+                self._take(
+                    [_prepare(self._shape, e, self._splitters) for e in small],
+                    final=final,
+                )
+            if not self._queue:
+                return
+            event = self._queue.popleft()
+            self._busy = True
+            d = deferToThread(_prepare, self._shape, event, self._splitters)
+            d.addCallbacks(self._prepared, self._prepare_failed)
+            return
+        if self._cut is not None or self._done:
+            self._queue.clear()
+
+    def _prepared(self, prepared: _Prepared) -> None:
+        self._busy = False
+        if self._done or self._cut is not None:
+            self._queue.clear()
+            self._release()
+            return
+        self._take([prepared])
+        self._pump()
+
+    def _prepare_failed(self, failure: Failure) -> None:
+        self._busy = False
+        _log.failure("moderating a large event failed", failure)
+        self._finish()
 
     def end(self) -> Deferred[None]:
         """
@@ -104,7 +260,8 @@ class StreamModerator:
         if not self._ended:
             self._ended = True
             if self._cut is None:
-                self._take(self._parser.finish(), final=True)
+                self._queue.extend(self._parser.finish())
+                self._pump()
             if self._done:
                 return succeed(None)
         d: Deferred[None] = Deferred()
@@ -116,38 +273,61 @@ class StreamModerator:
         """The client went away: drop everything and never write again."""
         self._finish()
 
-    def _take(self, events: list[SSEEvent], *, final: bool = False) -> None:
-        checks: list[tuple[Key, str, _Sentence]] = []
+    def _take(self, events: list[_Prepared], *, final: bool = False) -> None:
+        batches: list[_Batch] = []
         for event in events:
-            found = self._shape.inspect(event)
             needs: list[tuple[Key, int, int]] = []
-            for key, text in found.texts:
+            checks: list[tuple[Key, str, _Sentence]] = []
+            for key, text, sentences in event.splits:
                 choice = self._choice(key)
                 choice.fed += len(text)
                 choice.unreleased += text
-                self._add(key, choice, choice.splitter.feed(text), checks)
+                self._add(key, choice, sentences, checks)
                 # Trailing whitespace starts the next sentence but cannot harm:
                 # it does not hold the event back.
                 trailing = len(text) - len(text.rstrip())
                 needs.append((key, choice.fed - trailing, choice.fed))
-            tails = list(self._choices) if found.all_finished else found.finished
-            for key in tails:
-                self._flush(key, checks)
+            for key, tail in event.tails:
+                self._add(key, self._choice(key), [tail], checks)
+            batches.extend(self._capped_batches(checks))
             self._held.append(_Held(event.raw, needs))
         if final:
+            self._final_done = True
+            checks = []
             for key in list(self._choices):
                 self._flush(key, checks)
+            batches.extend(self._capped_batches(checks))
         # Start the checks only now that every event is held: a backend that
         # answers at once then sees consistent state.
-        for key, text, sentence in checks:
+        for batch in batches:
             if self._done:
                 return
-            d = self._check(text)
+            if batch.over_cap:
+                d: Deferred[bool] = succeed(self._over_cap_stops)
+            else:
+                d = self._check(batch.text)
             self._inflight.add(d)
             d.addBoth(self._settled, d)
-            d.addCallback(self._answered, key, sentence)
+            d.addCallback(self._answered, batch.key, batch.sentences)
             d.addErrback(_ignore_cancelled)
         self._release()
+
+    def _capped_batches(self, checks: list[tuple[Key, str, _Sentence]]) -> list[_Batch]:
+        batches = _batched(checks)
+        for i, batch in enumerate(batches):
+            self._calls += 1
+            if (self._max_event_calls is not None and i >= self._max_event_calls) or (
+                self._max_calls is not None and self._calls > self._max_calls
+            ):
+                batch.over_cap = True
+                if not self._capped:
+                    self._capped = True
+                    _log.warn(
+                        "moderation call cap reached for a stream; the rest "
+                        "counts as a moderation error ({verdict})",
+                        verdict="block" if self._over_cap_stops else "pass",
+                    )
+        return batches
 
     def _settled(self, result: _T, d: Deferred[bool]) -> _T:
         self._inflight.discard(d)
@@ -156,7 +336,10 @@ class StreamModerator:
     def _choice(self, key: Key) -> _Choice:
         choice = self._choices.get(key)
         if choice is None:
-            choice = self._choices[key] = _Choice()
+            splitter = self._splitters.get(key)
+            if splitter is None:
+                splitter = self._splitters[key] = SentenceSplitter()
+            choice = self._choices[key] = _Choice(splitter)
         return choice
 
     def _flush(self, key: Key, checks: list[tuple[Key, str, _Sentence]]) -> None:
@@ -184,10 +367,11 @@ class StreamModerator:
                 sentence.stopped = False
         self._advance(key, choice)
 
-    def _answered(self, stopped: bool, key: Key, sentence: _Sentence) -> None:
+    def _answered(self, stopped: bool, key: Key, sentences: list[_Sentence]) -> None:
         if self._done:
             return  # a late answer after a block or a hang-up: dropped
-        sentence.stopped = stopped
+        for sentence in sentences:
+            sentence.stopped = stopped
         choice = self._choices[key]
         self._advance(key, choice)
         self._release()
@@ -220,7 +404,7 @@ class StreamModerator:
             self._write(held.raw)
         if self._cut is not None and not self._done:
             self._refuse()
-        elif self._ended and not self._done:
+        elif self._ended and self._final_done and not self._done:
             self._finish()
 
     def _block(self, key: Key, choice: _Choice) -> None:
@@ -246,6 +430,7 @@ class StreamModerator:
     def _finish(self) -> None:
         self._done = True
         self._held.clear()
+        self._queue.clear()
         self._choices.clear()
         # Answers still to come are of no use: cancelling frees what they
         # hold (timers, connections); any that arrive anyway are dropped.

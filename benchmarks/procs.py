@@ -122,10 +122,15 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_upstream(tms_delay: float = 0.02) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the fake upstream; return it and its port."""
+def start_upstream(
+    tms_delay: float = 0.02, tls: tuple[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the fake upstream (https with C{tls}: cert, key); return it and its port."""
     argv = [sys.executable, "-m", "benchmarks.upstream", "--port", "0"]
-    proc = _spawn(argv + ["--tms-delay", str(tms_delay)], _env(), None)
+    argv += ["--tms-delay", str(tms_delay)]
+    if tls is not None:
+        argv += ["--tls-cert", tls[0], "--tls-key", tls[1]]
+    proc = _spawn(argv, _env(), None)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     if not line.startswith("READY"):
@@ -163,22 +168,24 @@ class Proxy:
 def start_proxy(
     upstream_port: int,
     workers: int = 1,
+    upstream: str | None = None,
     *,
     wrapper: tuple[str, ...] = (),
     start_limit: float = 30.0,
     **env: str,
 ) -> Proxy:
     """
-    Start C{twistd -n --pidfile= openai-proxy} against the fake upstream and
-    wait until it (and every worker) serves.  C{wrapper}: a command to run
-    it under (valgrind, say), which may need more than C{start_limit}
-    seconds to start it.
+    Start C{twistd -n --pidfile= openai-proxy} against the fake upstream (at
+    C{upstream}, by default plain http on C{upstream_port}) and wait until it
+    (and every worker) serves.  C{wrapper}: a command to run it under
+    (valgrind, say), which may need more than C{start_limit} seconds to
+    start it.
     """
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / "proxy.log"
     port = free_port()
     settings = {
-        "UPSTREAM": f"http://127.0.0.1:{upstream_port}",
+        "UPSTREAM": upstream or f"http://127.0.0.1:{upstream_port}",
         "PORT": f"tcp:{port}:interface=127.0.0.1:backlog=4096",
         "PROXY_KEY": PROXY_KEY,
         "OPENAI_KEY": OPENAI_KEY,
@@ -201,6 +208,63 @@ def start_proxy(
             return proxy
         time.sleep(0.05)
     raise RuntimeError(f"proxy did not start in {start_limit:.0f} s; see {log}")
+
+
+#: Loaded by node before the Node original's app.js: its upstream calls go
+#: to SEED_UPSTREAM instead of the hard-coded https://api.openai.com.
+SEED_PRELOAD = Path(__file__).with_name("seed_upstream.js")
+
+
+def start_seed(app_js: str, upstream_port: int) -> Proxy:
+    """
+    Start the Node original (C{node app.js}, its dependencies installed next
+    to it) against the fake upstream, with a server-held key and no proxy
+    key, and wait until it serves.
+    """
+    node = shutil.which("node")
+    if not node:
+        raise SystemExit("--seed needs node on the PATH")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = RESULTS / "seed.log"
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("PROXY_KEY", None)
+    env.update(
+        PORT=str(port),
+        OPENAI_KEY=OPENAI_KEY,
+        TIMEOUT="60000",
+        SEED_UPSTREAM=f"http://127.0.0.1:{upstream_port}",
+    )
+    argv = [node, "-r", str(SEED_PRELOAD), os.path.abspath(app_js)]
+    with open(log, "ab") as f:
+        f.write(f"\n==== {' '.join(argv)}\n".encode())
+    out = open(log, "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=os.path.dirname(os.path.abspath(app_js)),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    _children.append(proc)
+    seed = Proxy(proc, port, log, 1, [proc.pid])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"seed exited with {proc.returncode}; see {log}")
+        if _listening(port):
+            return seed
+        time.sleep(0.05)
+    raise RuntimeError(f"seed did not start in 30 s; see {log}")
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _healthy(port: int) -> bool:

@@ -27,11 +27,62 @@ _ROWS: list[tuple[str, str, tuple[str, ...], float | None, bool]] = [
         "stream",
         "proxy CPU us/event (burst)",
         ("proxy", "proxy_cpu_us_per_event"),
-        10,
+        12,
         True,
     ),
     ("stream", "errors", ("proxy", "errors"), 0, True),
-    ("added-latency", "added p50 ms", ("added_ms", "p50"), 0.5, True),
+    ("non-stream-https", "https proxy req/s", ("https", "rate"), None, False),
+    (
+        "non-stream-https",
+        "https CPU us/request",
+        ("https", "proxy_cpu_us_per_request"),
+        300,
+        True,
+    ),
+    ("non-stream-https", "http proxy req/s", ("http", "rate"), None, False),
+    (
+        "non-stream-https",
+        "http CPU us/request",
+        ("http", "proxy_cpu_us_per_request"),
+        300,
+        True,
+    ),
+    ("non-stream-https", "https ÷ http req/s", ("https_vs_http", "rate"), 0.85, False),
+    (
+        "non-stream-https",
+        "https ÷ http CPU/request",
+        ("https_vs_http", "cpu_per_request"),
+        1.15,
+        True,
+    ),
+    ("non-stream-https", "errors (https)", ("https", "errors"), 0, True),
+    ("seed", "seed req/s", ("non-stream", "rate"), None, False),
+    (
+        "seed",
+        "seed CPU us/request",
+        ("non-stream", "proxy_cpu_us_per_request"),
+        None,
+        True,
+    ),
+    ("seed", "seed streams/s", ("stream", "rate"), None, False),
+    (
+        "seed",
+        "seed CPU us/event (burst)",
+        ("stream", "proxy_cpu_us_per_event"),
+        None,
+        True,
+    ),
+    ("seed", "proxy ÷ seed req/s", ("ratios", "non_stream_rate"), 1.3, False),
+    ("seed", "proxy ÷ seed streams/s", ("ratios", "stream_rate"), 2.5, False),
+    (
+        "seed",
+        "seed ÷ proxy CPU/request",
+        ("ratios", "non_stream_cpu"),
+        None,
+        False,
+    ),
+    ("seed", "errors (seed)", ("non-stream", "errors"), 0, True),
+    ("added-latency", "added p50 ms", ("added_ms", "p50"), 0.4, True),
     ("added-latency", "added p99 ms", ("added_ms", "p99"), None, True),
     (
         "added-latency",
@@ -142,6 +193,30 @@ _ROWS: list[tuple[str, str, tuple[str, ...], float | None, bool]] = [
         True,
     ),
 ]
+
+
+def add_seed_ratios(results: dict[str, Any]) -> None:
+    """
+    Put the proxy's figures divided by the seed's (same run) into the seed's
+    result, for whichever of the proxy's scenarios ran.
+    """
+    seed = results.get("seed")
+    if not isinstance(seed, dict) or "skipped" in seed or "error" in seed:
+        return
+    ratios: dict[str, float] = {}
+    pairs = [
+        ("non_stream_rate", ("non-stream", "proxy", "rate"), ("non-stream", "rate")),
+        ("stream_rate", ("stream", "proxy", "rate"), ("stream", "rate")),
+    ]
+    for name, ours, theirs in pairs:
+        a, b = _get(results, ours), _get(seed, theirs)
+        if a and b:
+            ratios[name] = round(a / b, 3)
+    a = _get(seed, ("non-stream", "proxy_cpu_us_per_request"))
+    b = _get(results, ("non-stream", "proxy", "proxy_cpu_us_per_request"))
+    if a and b:
+        ratios["non_stream_cpu"] = round(a / b, 3)
+    seed["ratios"] = ratios
 
 
 def _get(data: Any, path: tuple[str, ...]) -> Any:

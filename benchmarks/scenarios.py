@@ -6,7 +6,9 @@ a dict of figures (and C{"skipped"} with a reason when it cannot run).
 from __future__ import annotations
 
 import json
+import platform
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from benchmarks.wrk import CHAT, CHAT_STREAM, run_wrk
 
 #: Events per streamed reply from the fake upstream, plus "data: [DONE]".
 EVENTS = 70
+#: Seconds of load before a throughput figure is measured.
+_WARM_UP = 15.0 if platform.python_implementation() == "PyPy" else 3.0
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Settings:
     quick: bool
     workers: int
     streams: int
+    seed: str | None = None  # the Node original's app.js, for the seed rows
 
     def seconds(self, full: float) -> float:
         return max(1.0, full / 5) if self.quick else full
@@ -36,20 +41,47 @@ class Harness:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.upstream, self.upstream_port = procs.start_upstream()
+        self._tls: tuple[Any, int, str] | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-tls-")
 
-    def proxy(self, **env: str) -> procs.Proxy:
-        return procs.start_proxy(self.upstream_port, self.settings.workers, **env)
+    def proxy(self, upstream: str | None = None, **env: str) -> procs.Proxy:
+        return procs.start_proxy(
+            self.upstream_port, self.settings.workers, upstream, **env
+        )
+
+    def tls_upstream(self) -> tuple[int, str]:
+        """A second fake upstream speaking https: its port and the CA file to trust."""
+        if self._tls is None:
+            from tests.certs import make_certs
+
+            certs = make_certs(self._tmp.name)
+            proc, port = procs.start_upstream(tls=(certs.cert, certs.key))
+            self._tls = (proc, port, certs.ca)
+        return self._tls[1], self._tls[2]
 
     def close(self) -> None:
         procs.stop(self.upstream)
+        if self._tls is not None:
+            procs.stop(self._tls[0])
+        self._tmp.cleanup()
 
 
-def _throughput(h: Harness, body: bytes, units_per_reply: int) -> dict[str, Any]:
+def _throughput(
+    h: Harness,
+    body: bytes,
+    units_per_reply: int,
+    start: Callable[[], procs.Proxy] | None = None,
+    direct_port: int | None = None,
+) -> dict[str, Any]:
     seconds = h.settings.seconds(10)
-    direct = run_wrk(h.upstream_port, body, 20, seconds)
-    proxy = h.proxy()
+    direct = None
+    if direct_port != 0:
+        direct = run_wrk(direct_port or h.upstream_port, body, 20, seconds)
+    proxy = (start or h.proxy)()
     try:
-        run_wrk(proxy.port, body, 20, 1)  # warm-up: pool filled, code paths hot
+        # Warm-up: pool filled, code paths hot, and JITs settled (node's in
+        # a second or two; PyPy's needs ~10 s of this load).
+        run_wrk(proxy.port, body, 20, h.settings.seconds(_WARM_UP))
         up_cpu0 = procs.cpu_seconds(h.upstream.pid)
         cpu0 = proxy.cpu()
         through = run_wrk(proxy.port, body, 20, seconds)
@@ -67,12 +99,10 @@ def _throughput(h: Harness, body: bytes, units_per_reply: int) -> dict[str, Any]
         through["proxy_cpu_us_per_event"] = round(
             cpu / (done * units_per_reply) * 1e6, 2
         )
-    return {
-        "workers": h.settings.workers,
-        "connections": 20,
-        "direct": direct,
-        "proxy": through,
-    }
+    result = {"workers": h.settings.workers, "connections": 20, "proxy": through}
+    if direct is not None:
+        result["direct"] = direct
+    return result
 
 
 def non_stream(h: Harness) -> dict[str, Any]:
@@ -83,6 +113,49 @@ def non_stream(h: Harness) -> dict[str, Any]:
 def stream(h: Harness) -> dict[str, Any]:
     """70-event SSE replies as fast as the fake sends them, 20 connections."""
     return _throughput(h, CHAT_STREAM, EVENTS + 1)
+
+
+def non_stream_https(h: Harness) -> dict[str, Any]:
+    """
+    As non-stream, with the proxy's upstream on https (a local TLS fake whose
+    CA the proxy trusts through SSL_CERT_FILE), next to a plain-http run.
+    """
+    port, ca = h.tls_upstream()
+    https = _throughput(
+        h,
+        CHAT,
+        1,
+        start=lambda: h.proxy(upstream=f"https://localhost:{port}", SSL_CERT_FILE=ca),
+        direct_port=0,
+    )
+    http = _throughput(h, CHAT, 1, direct_port=0)
+    result: dict[str, Any] = {"https": https["proxy"], "http": http["proxy"]}
+    result["https_vs_http"] = {
+        "rate": round(https["proxy"]["rate"] / max(1.0, http["proxy"]["rate"]), 3),
+        "cpu_per_request": round(
+            https["proxy"]["proxy_cpu_us_per_request"]
+            / max(0.1, http["proxy"]["proxy_cpu_us_per_request"]),
+            3,
+        ),
+    }
+    return result
+
+
+def seed(h: Harness) -> dict[str, Any]:
+    """
+    The Node original (--seed PATH/app.js) against the same fake upstream:
+    non-streamed and streamed throughput, as for the proxy.
+    """
+    app_js = h.settings.seed
+    if not app_js:
+        return {"skipped": "no --seed PATH (the Node original's app.js) given"}
+    start = lambda: procs.start_seed(app_js, h.upstream_port)  # noqa: E731
+    return {
+        "non-stream": _throughput(h, CHAT, 1, start=start, direct_port=0)["proxy"],
+        "stream": _throughput(h, CHAT_STREAM, EVENTS + 1, start=start, direct_port=0)[
+            "proxy"
+        ],
+    }
 
 
 def added_latency(h: Harness) -> dict[str, Any]:
@@ -237,7 +310,9 @@ def _stats(port: int) -> dict[str, int]:
 
 SCENARIOS: dict[str, Callable[[Harness], dict[str, Any]]] = {
     "non-stream": non_stream,
+    "non-stream-https": non_stream_https,
     "stream": stream,
+    "seed": seed,
     "added-latency": added_latency,
     "relay-delay": relay_delay,
     "many-streams": many_open_streams,

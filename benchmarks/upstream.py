@@ -4,6 +4,7 @@ A fast fake OpenAI upstream (and fake Tencent TMS), for the benchmarks only.
 Raw asyncio, HTTP/1.1 keep-alive, canned bytes: it must never be the
 bottleneck of what it measures.  Run as
 ``python -m benchmarks.upstream --port 0`` ; it prints ``READY <port>``.
+With ``--tls-cert PEM --tls-key PEM`` it speaks https.
 
 - ``POST`` with a body holding ``"stream": true``: an SSE stream of
   ``X-Bench-Events`` (default 70) chat chunks, ``X-Bench-Interval-Ms``
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import json
 import signal
+import ssl
 import time
 from typing import Any
 
@@ -196,10 +198,21 @@ class Server(asyncio.Protocol):
             self._next()
 
 
-async def serve(port: int, tms_delay: float) -> None:
+async def serve(
+    port: int, tms_delay: float, tls: tuple[str, str] | None = None
+) -> None:
     loop = asyncio.get_running_loop()
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
     server = await loop.create_server(
-        lambda: Server(tms_delay), "127.0.0.1", port, backlog=4096, reuse_address=True
+        lambda: Server(tms_delay),
+        "127.0.0.1",
+        port,
+        backlog=4096,
+        reuse_address=True,
+        ssl=context,
     )
     print("READY", server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
@@ -213,8 +226,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--tms-delay", type=float, default=0.02)
+    parser.add_argument("--tls-cert", help="serve https with this certificate")
+    parser.add_argument("--tls-key", help="... and this key")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.tms_delay))
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    asyncio.run(serve(args.port, args.tms_delay, tls))
 
 
 if __name__ == "__main__":

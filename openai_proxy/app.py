@@ -64,10 +64,8 @@ class ProxyApp(Service):
         self.moderation = Moderation(
             config.moderation,
             reactor,
-            openai_client_factory=lambda: (
-                make_client(reactor, self.pool),
-                config.upstream,
-            ),
+            # The relay's client: it keeps no cookies, and shares its endpoints.
+            openai_client_factory=lambda: (self.client, config.upstream),
             on_call=self._moderation_call,
         )
         self._probe = LoopingCall(self._probe_moderation)

@@ -43,7 +43,9 @@ def cgroup_quota(root: Path = CGROUP) -> float | None:
 
 def available_cpus(root: Path = CGROUP) -> int:
     """The number of CPUs this process may use: at least 1."""
-    count = len(os.sched_getaffinity(0))
+    # PyPy has no sched_getaffinity: every CPU then counts.
+    affinity = getattr(os, "sched_getaffinity", None)
+    count = len(affinity(0)) if affinity else (os.cpu_count() or 1)
     quota = cgroup_quota(root)
     if quota is not None:
         count = min(count, math.ceil(quota))

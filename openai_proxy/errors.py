@@ -34,6 +34,22 @@ class ProxyError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
+_frozen_setattr = ProxyError.__setattr__
+
+
+def _setattr(self: ProxyError, name: str, value: object) -> None:
+    # Raising sets __cause__ (and __context__, __traceback__): CPython does
+    # it behind __setattr__, PyPy through it, where the frozen dataclass
+    # would refuse.  The fields stay frozen.
+    if name.startswith("__") and name.endswith("__"):
+        Exception.__setattr__(self, name, value)
+    else:
+        _frozen_setattr(self, name, value)
+
+
+ProxyError.__setattr__ = _setattr  # type: ignore[method-assign,assignment]
+
+
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
     """Serialise an OpenAI-style error object."""
     return json.dumps(

@@ -206,6 +206,9 @@ class Forwarder:
         headers.setRawHeaders(b"authorization", [b"Bearer " + key.encode("ascii")])
         if read:
             headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        # Set here, once per upstream, Agent would compute it (and copy all
+        # the headers to add it) on every request.
+        headers.setRawHeaders(b"host", [self._upstreams.host_header(base)])
         try:
             url = Upstreams.url(base, request.uri)
         except ValueError:

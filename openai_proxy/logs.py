@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import secrets
 import sys
@@ -25,7 +26,8 @@ from twisted.logger import (
     FileLogObserver,
     LogEvent,
     formatEvent,
-    textFileLogObserver,
+    formatEventAsClassicLogText,
+    formatTime,
 )
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
@@ -69,9 +71,40 @@ _registered: set[str] = set()
 _pattern: re.Pattern[str] = re.compile("|".join(_SECRET_SHAPES))
 
 
+class _RequestIds:
+    """
+    Request ids without a system call each: 8 random hex digits drawn once
+    per process (again after a fork, and when the counter runs out), then a
+    counter.  Ids from different processes differ in their prefix with
+    near certainty; within a process they never repeat.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._next = 0
+
+    def __call__(self) -> str:
+        n = self._next
+        if n > 0xFFFFFFFF:
+            self.reseed()
+            n = 0
+        self._next = n + 1
+        return f"{self._prefix}{n:08x}"
+
+
+_request_ids = _RequestIds()
+os.register_at_fork(after_in_child=_request_ids.reseed)
+
+
 def new_request_id() -> str:
-    """Return a fresh, unguessable request id: 16 lowercase hex digits."""
-    return secrets.token_hex(8)
+    """
+    Return a fresh request id: 16 lowercase hex digits, unique within the
+    process and, by a random per-process prefix, across processes.
+    """
+    return _request_ids()
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
@@ -125,21 +158,43 @@ def is_secret_name(name: str) -> bool:
     return _SECRET_NAME.search(name) is not None
 
 
+_PLAIN: Final = (str, int, float, type(None))  # bool is an int
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_fields(names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """
+    The names of an event's own fields (not Twisted's C{log_*}), or L{None}
+    if one is named like a secret: events of one kind share their names, so
+    this is worked out once per kind.
+    """
+    own = tuple(name for name in names if not name.startswith("log_"))
+    return None if any(is_secret_name(name) for name in own) else own
+
+
 def redact_event(event: LogEvent) -> LogEvent:
     """
-    Return a copy of C{event} (the original is shared with other observers
-    and left alone) where every field named like a secret, at any nesting
-    depth, is L{REDACTED}.  Twisted's own C{log_*} fields are kept as they
-    are.  Strings are not searched here: the observers redact the whole
-    written line with L{redact_text}, which covers every field at once.
+    Return C{event} with every field named like a secret, at any nesting
+    depth, L{REDACTED}: a copy when anything had to change (the original is
+    shared with other observers and left alone), else C{event} itself.
+    Twisted's own C{log_*} fields are kept as they are.  Strings are not
+    searched here: the observers redact the whole written line with
+    L{redact_text}, which covers every field at once.
     """
+    fields = _plain_fields(tuple(event))
+    if fields is not None:
+        for name in fields:
+            if not isinstance(event[name], _PLAIN):
+                break
+        else:
+            return event  # the common case: plain values under harmless names
     redacted: dict[str, Any] = {}
     for name, value in event.items():
         if name.startswith("log_"):
             redacted[name] = value
         elif is_secret_name(name):
             redacted[name] = REDACTED
-        elif isinstance(value, str | int | float | bool | None):
+        elif isinstance(value, _PLAIN):
             redacted[name] = value
         else:
             redacted[name] = _scrub(value, 0)
@@ -214,6 +269,68 @@ class _RedactingObserver(FileLogObserver):
 _JSON_LOG_FIELDS: Final = ("log_time", "log_namespace", "log_format", "log_system")
 
 
+#: The format of events that carry their text ready-made in a C{line} field
+#: (the access log): formatted without Twisted's format-string machinery.
+LINE_FORMAT: Final = "{line}"
+
+
+def _message(event: LogEvent) -> str:
+    """What Twisted's C{formatEvent} makes of C{event}, faster for L{LINE_FORMAT}."""
+    if event.get("log_format") == LINE_FORMAT:
+        line = event.get("line")
+        if type(line) is str:
+            return line
+    return formatEvent(event)
+
+
+_last_second: list[Any] = [None, ""]
+
+
+def _time_text(when: float | None) -> str:
+    """
+    Twisted's C{formatTime(when)} (RFC 3339, to the second), computed once a
+    second rather than once a line.
+    """
+    if when is None:
+        return "-"
+    second = int(when)
+    # fromtimestamp() rounds to microseconds: close enough to the next
+    # second, it would print that one.
+    if when - second >= 0.999999:
+        return formatTime(when)
+    if _last_second[0] != second:
+        _last_second[:] = [second, formatTime(second)]
+    text: str = _last_second[1]
+    return text
+
+
+def _text_line(event: LogEvent) -> str | None:
+    """
+    The line Twisted's C{textFileLogObserver} writes for C{event}, byte for
+    byte; an access-log event is formatted without the generic machinery.
+    """
+    if (
+        event.get("log_format") == LINE_FORMAT
+        and "log_failure" not in event
+        and "log_system" not in event
+    ):
+        line = event.get("line")
+        level = event.get("log_level")
+        if type(line) is str and line and level is not None:
+            namespace = event.get("log_namespace", "-")
+            text = (
+                f"{_time_text(event.get('log_time'))} [{namespace}#{level.name}] {line}"
+            )
+            return text.replace("\n", "\n\t") + "\n"
+    return formatEventAsClassicLogText(event, formatTime=_time_text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_fields(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Which of an event's fields go into its JSON line, in their order."""
+    return tuple(k for k in names if not k.startswith("log_") or k in _JSON_LOG_FIELDS)
+
+
 def _json_line(event: LogEvent) -> str:
     """
     One event as one JSON object: its own fields, Twisted's time, namespace,
@@ -221,25 +338,25 @@ def _json_line(event: LogEvent) -> str:
     C{log_traceback} for jq.  Lighter than Twisted's C{eventAsJSON}, which
     flattens every format string and costs several times as much.
     """
-    out: dict[str, Any] = {
-        k: v
-        for k, v in event.items()
-        if not k.startswith("log_") or k in _JSON_LOG_FIELDS
-    }
+    out: dict[str, Any] = {k: event[k] for k in _json_fields(tuple(event))}
     level = event.get("log_level")
     if level is not None:
         out["log_level"] = {"name": level.name}
-    out["log_text"] = formatEvent(event)
+    out["log_text"] = _message(event)
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         out["log_traceback"] = failure.getTraceback()
-    return json.dumps(out, default=_jsonable, ensure_ascii=False) + "\n"
+    return _encode(out) + "\n"
 
 
 def _jsonable(value: object) -> object:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return repr(value)
+
+
+# json.dumps() with options builds a new encoder per call: build it once.
+_encode: Final = json.JSONEncoder(default=_jsonable, ensure_ascii=False).encode
 
 
 _destination: str | None = None
@@ -270,7 +387,7 @@ def text_observer(out: IO[str] | None = None) -> FileLogObserver:
     tracebacks), redacted.  Zero arguments writes to stdout.
     """
     out = out if out is not None else _output()
-    return _RedactingObserver(textFileLogObserver(out).formatEvent, out)
+    return _RedactingObserver(_text_line, out)
 
 
 def use_log_format(options: Options, log_format: str) -> None:

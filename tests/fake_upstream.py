@@ -143,6 +143,18 @@ class FakeOpenAI(Resource):
         test.addCleanup(self._cleanup)
         return f"http://127.0.0.1:{port.getHost().port}"
 
+    def start_tls(self, test: Any, cert: str, key: str) -> int:
+        """Listen with TLS on loopback for C{test}; return the port number."""
+        from twisted.internet import ssl
+
+        with open(cert) as c, open(key) as k:
+            options = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
+        port = _reactor.listenSSL(0, Site(self), options, interface="127.0.0.1")
+        test.addCleanup(port.stopListening)
+        test.addCleanup(self._cleanup)
+        number: int = port.getHost().port
+        return number
+
     def _cleanup(self) -> None:
         for call in self._calls:
             if call.active():

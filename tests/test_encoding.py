@@ -123,7 +123,14 @@ class ModeratedEncodingTests(ModeratedRelayTestCase, _RawClientMixin):
             {b"accept-encoding": [b"gzip"], b"content-type": [b"application/json"]},
             json.dumps({"model": "m", "messages": [], "moderation": True}).encode(),
         )
-        self.assertEqual(self.fake.received[-1].header(b"accept-encoding"), b"identity")
+        # The whole list, so that a failure shows everything that arrived.
+        self.assertEqual(
+            [
+                (r.method, r.uri, r.headers.getRawHeaders(b"accept-encoding"))
+                for r in self.fake.received
+            ],
+            [(b"POST", b"/v1/chat/completions", [b"identity"])],
+        )
         self.assertEqual(response.code, 200)
         self.assertIsNone(response.headers.getRawHeaders(b"content-encoding"))
         self.assertEqual(json.loads(body), chat_completion("Hello world!"))

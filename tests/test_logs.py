@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.logger import FileLogObserver, ILogObserver, Logger
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    Logger,
+    LogPublisher,
+    formatEventAsClassicLogText,
+    formatTime,
+    textFileLogObserver,
+)
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import TestCase
 
-from openai_proxy import logs
+from openai_proxy import access, logs
+from openai_proxy.access import log_request
 
 OPENAI_KEY = "sk-proj-Abc123Def456Ghi789Jkl012"
 PROXY_KEY = "plain-proxy-key-without-shape"
@@ -229,6 +240,146 @@ class RequestIdTests(TestCase):
         ids = {logs.new_request_id() for _ in range(1000)}
         self.assertEqual(len(ids), 1000)
         self.assertTrue(all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids))
+
+    def test_a_new_process_draws_a_new_prefix(self) -> None:
+        first = logs._RequestIds()
+        second = logs._RequestIds()
+        self.assertNotEqual(first()[:8], second()[:8])
+        self.assertEqual(first()[8:], "00000001")
+
+    def test_counter_running_out_draws_a_new_prefix(self) -> None:
+        ids = logs._RequestIds()
+        ids._next = 0xFFFFFFFF
+        last = ids()
+        self.assertTrue(last.endswith("ffffffff"))
+        after = ids()
+        self.assertNotEqual(after[:8], last[:8])
+        self.assertTrue(after.endswith("00000000"))
+
+    def test_forked_child_gets_its_own_prefix(self) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report an id and leave at once
+            os.write(write, logs.new_request_id().encode())
+            os._exit(0)
+        os.close(write)
+        child = os.read(read, 64).decode()
+        os.close(read)
+        os.waitpid(pid, 0)
+        self.assertNotEqual(child[:8], logs.new_request_id()[:8])
+
+
+def _access_event(**overrides: Any) -> dict[str, Any]:
+    """The event L{log_request} emits, as the observers receive it."""
+    seen: list[dict[str, Any]] = []
+    publisher = LogPublisher(seen.append)
+    fields: dict[str, Any] = {
+        "method": b"POST",
+        "path": b"/v1/chat/completions",
+        "status": 200,
+        "bytes_out": 1032,
+        "duration": 0.00123,
+        "upstream": "api.openai.com",
+        "request_id": "0123456789abcdef",
+        **overrides,
+    }
+    original = access._log.observer
+    access._log.observer = publisher
+    try:
+        log_request(**fields)
+    finally:
+        access._log.observer = original
+    return seen[0]
+
+
+def _as_logger_info_made_it(event: dict[str, Any]) -> dict[str, Any]:
+    """The same access event, made by Twisted's own C{Logger.info}."""
+    seen: list[dict[str, Any]] = []
+    logger = Logger(namespace="openai_proxy.access", observer=seen.append)
+    logger.info(
+        "{line}", **{k: v for k, v in event.items() if not k.startswith("log_")}
+    )
+    return seen[0]
+
+
+class AccessLineTests(_Isolated):
+    """
+    The access log skips Twisted's generic formatting: what it writes must
+    be, byte for byte, what Twisted's own observers wrote for the same event.
+    """
+
+    def test_event_is_the_one_logger_info_makes(self) -> None:
+        event = _access_event(body="{}")
+        twisted_event = _as_logger_info_made_it(event)
+        twisted_event["log_time"] = event["log_time"]
+        self.assertIs(event["log_logger"], access._log)
+        twisted_event["log_logger"] = access._log
+        self.assertEqual(list(event.items()), list(twisted_event.items()))
+
+    @given(
+        st.floats(min_value=0, max_value=4e9),
+        st.text(max_size=40),
+        st.sampled_from([None, "-", "api.openai.com"]),
+    )
+    def test_text_line_is_twisteds(self, when: float, path: str, upstream: Any) -> None:
+        event = _access_event(
+            path=path.encode("utf-8"), upstream=upstream, duration=when % 3
+        )
+        event["log_time"] = when
+        ours, theirs = io.StringIO(), io.StringIO()
+        logs.text_observer(ours)(event)
+        FileLogObserver(theirs, textFileLogObserver(io.StringIO()).formatEvent)(event)
+        self.assertEqual(ours.getvalue(), logs.redact_text(theirs.getvalue()))
+
+    def test_times_next_to_a_second_are_twisteds(self) -> None:
+        event = _access_event()
+        for when in [1.0, 1.4999999, 1.9999994, 1.9999995, 1.9999996, 2.0, 59.9999999]:
+            event["log_time"] = when
+            self.assertEqual(logs._time_text(when), formatTime(when), when)
+            self.assertEqual(logs._text_line(event), formatEventAsClassicLogText(event))
+
+    def test_other_events_are_formatted_by_twisted(self) -> None:
+        failure = Failure(ValueError("boom"))
+        for event in [
+            {"log_format": "x {y}", "y": 1, "log_time": 5.5, "log_namespace": "n"},
+            {"log_format": "{line}", "line": "a", "log_system": "sys", "log_time": 1.0},
+            {"log_format": "{line}", "line": "a", "log_failure": failure},
+            {"log_format": "{line}", "line": 3, "log_time": None},
+        ]:
+            self.assertEqual(
+                logs._text_line(event), formatEventAsClassicLogText(event), event
+            )
+
+    def test_json_line_is_the_one_logger_info_gave(self) -> None:
+        event = _access_event(body="{}")
+        twisted_event = _as_logger_info_made_it(event)
+        twisted_event["log_time"] = event["log_time"]
+        ours, theirs = io.StringIO(), io.StringIO()
+        logs.json_observer(ours)(event)
+        logs.json_observer(theirs)(twisted_event)
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        self.assertEqual(
+            json.loads(ours.getvalue())["log_text"],
+            "POST /v1/chat/completions 200 1032B 1.2ms upstream=api.openai.com",
+        )
+
+    def test_json_line_matches_json_dumps(self) -> None:
+        event = {"log_format": "{line}", "line": "é\n", "x": b"\xff", "y": object}
+        text = logs._json_line(event)
+        self.assertEqual(
+            text,
+            json.dumps(
+                {
+                    "log_format": "{line}",
+                    "line": "é\n",
+                    "x": "\ufffd",
+                    "y": repr(object),
+                    "log_text": "é\n",
+                },
+                ensure_ascii=False,
+            )
+            + "\n",
+        )
 
 
 class ShortSecretTests(_Isolated):

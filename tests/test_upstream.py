@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 from urllib.parse import urlsplit
 
 from hyperlink import EncodedURL
@@ -13,11 +14,11 @@ from treq.response import _Response
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent
+from twisted.web.client import URI, Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from openai_proxy.upstream import RelayClient, Upstreams
+from openai_proxy.upstream import CachedEndpoints, RelayClient, Upstreams, _RelayAgent
 
 BASE = b"https://api.example.com/prefix"
 
@@ -199,3 +200,101 @@ class RouteTests(TestCase):
         self.assertEqual(upstreams.base_for("fk-x123"), b"https://b.example")
         self.assertEqual(upstreams.base_for("fk123"), b"https://a.example")
         self.assertEqual(upstreams.base_for("sk-1"), b"https://default.example")
+
+
+class HostHeaderTests(TestCase):
+    @given(
+        st.sampled_from(["http", "https"]),
+        st.sampled_from(["localhost", "api.openai.com", "127.0.0.1", "Example.COM"]),
+        st.one_of(st.none(), st.integers(min_value=1, max_value=65535)),
+        st.sampled_from(["", "/v1", "/openai/v1"]),
+    )
+    def test_host_is_what_agent_would_send(
+        self, scheme: str, host: str, port: int | None, path: str
+    ) -> None:
+        base = f"{scheme}://{host}{'' if port is None else f':{port}'}{path}"
+        upstreams = Upstreams(base)
+        chosen = upstreams.base_for("sk")
+        uri = URI.fromBytes(chosen)
+        agent = Agent(Clock())
+        self.assertEqual(
+            upstreams.host_header(chosen),
+            agent._computeHostValue(uri.scheme, uri.host, uri.port),
+        )
+
+
+def _recorded(agent: Agent, method: bytes, url: bytes) -> tuple[Any, ...]:
+    """What C{agent.request} hands to C{_requestWithEndpoint}."""
+    seen: list[tuple[Any, ...]] = []
+
+    def record(*args: Any) -> Deferred[IResponse]:
+        seen.append(args)
+        return Deferred()
+
+    agent._requestWithEndpoint = record  # type: ignore[method-assign]
+    agent.request(method, url, Headers(), None)
+    key, endpoint, method_, parsed, headers, body, target = seen[0]
+    return (
+        key,
+        method_,
+        target,
+        parsed.toBytes(),
+        parsed.originForm,
+        (parsed.scheme, parsed.netloc, parsed.host, parsed.port),
+        endpoint,
+    )
+
+
+class RelayAgentTests(TestCase):
+    """The agent parses less per request, and hands on what Agent would."""
+
+    def setUp(self) -> None:
+        clock = Clock()
+        self.endpoints = CachedEndpoints(clock)
+        self.ours = _RelayAgent.usingEndpointFactory(clock, self.endpoints)
+        self.theirs = Agent.usingEndpointFactory(clock, self.endpoints)
+
+    @settings(max_examples=500)
+    @given(
+        st.sampled_from(
+            [
+                "http://127.0.0.1:8080",
+                "https://api.openai.com",
+                "HTTPS://API.Example.COM:443/v1",
+                "http://example.com:80/openai",
+                "http://[::1]:8080/p",
+            ]
+        ),
+        st.text(_PRINTABLE, max_size=40).map(lambda t: "/" + t),
+        st.sampled_from([b"GET", b"POST"]),
+    )
+    def test_request_is_handed_on_as_agent_would(
+        self, base: str, target: str, method: bytes
+    ) -> None:
+        upstreams = Upstreams(base)
+        try:
+            url = Upstreams.url(upstreams.base_for("sk"), target.encode())
+        except ValueError:
+            return
+        self.assertEqual(
+            _recorded(self.ours, method, url), _recorded(self.theirs, method, url)
+        )
+
+    def test_agent_internals_used_are_there(self) -> None:
+        params = list(inspect.signature(Agent._requestWithEndpoint).parameters)
+        self.assertEqual(
+            params,
+            [
+                "self",
+                "key",
+                "endpoint",
+                "method",
+                "parsedURI",
+                "headers",
+                "bodyProducer",
+                "requestPath",
+            ],
+        )
+        self.assertEqual(
+            list(inspect.signature(Agent._getEndpoint).parameters), ["self", "uri"]
+        )

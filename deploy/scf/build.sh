@@ -24,9 +24,15 @@ code="$stage/code"
 
 echo "building the SCF package for Python $version into $out"
 "$build_python" -m pip wheel --quiet --no-deps --wheel-dir "$stage/wheel" .
+# pip judges environment markers (`tomli; python_version < "3.11"`) by the
+# Python running it, not by --python-version: name what the target needs.
+extra=()
+if "$build_python" -c 'import sys; v = tuple(map(int, sys.argv[1].split("."))); sys.exit(v >= (3, 11))' "$version"; then
+  extra+=("tomli>=1.1")
+fi
 "$build_python" -m pip install --quiet --no-compile --target "$code" \
   --platform manylinux2014_x86_64 --implementation cp --python-version "$version" \
-  --only-binary=:all: "$stage"/wheel/*.whl
+  --only-binary=:all: "$stage"/wheel/*.whl "${extra[@]}"
 # Console scripts name this machine's interpreter: useless there.
 rm -rf "$code/bin"
 sed "s|/var/lang/python310/bin/python3.10|/var/lang/python$short/bin/python$version|" \

@@ -87,6 +87,12 @@ def _spawn(
     return proc
 
 
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start another program (redis-server, say), its output to C{log}."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return _spawn(argv, _env(), log)
+
+
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM the process group, then SIGKILL it after C{grace} seconds."""
     if proc.poll() is None:
@@ -160,12 +166,20 @@ class Proxy:
 
 
 def start_proxy(
-    upstream_port: int, workers: int = 1, upstream: str | None = None, **env: str
+    upstream_port: int,
+    workers: int = 1,
+    upstream: str | None = None,
+    *,
+    wrapper: tuple[str, ...] = (),
+    start_limit: float = 30.0,
+    **env: str,
 ) -> Proxy:
     """
     Start C{twistd -n --pidfile= openai-proxy} against the fake upstream (at
     C{upstream}, by default plain http on C{upstream_port}) and wait until it
-    (and every worker) serves.
+    (and every worker) serves.  C{wrapper}: a command to run it under
+    (valgrind, say), which may need more than C{start_limit} seconds to
+    start it.
     """
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / "proxy.log"
@@ -179,12 +193,13 @@ def start_proxy(
         "WORKERS": str(workers),
     }
     settings.update(env)
-    argv = [twistd(), "-n", "--pidfile=", "openai-proxy", "--workers", str(workers)]
+    argv = [*wrapper, twistd(), "-n", "--pidfile="]
+    argv += ["openai-proxy", "--workers", str(workers)]
     with open(log, "ab") as f:
         f.write(f"\n==== {' '.join(argv)}\n".encode())
     proc = _spawn(argv, _env(**settings), log)
     proxy = Proxy(proc, port, log, workers)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + start_limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"proxy exited with {proc.returncode}; see {log}")
@@ -192,7 +207,7 @@ def start_proxy(
             proxy.pids = [proc.pid, *children_of(proc.pid)]
             return proxy
         time.sleep(0.05)
-    raise RuntimeError(f"proxy did not start in 30 s; see {log}")
+    raise RuntimeError(f"proxy did not start in {start_limit:.0f} s; see {log}")
 
 
 #: Loaded by node before the Node original's app.js: its upstream calls go

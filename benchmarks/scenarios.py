@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks import probes, procs, streams
+from benchmarks.limits import limits, limits_instructions
 from benchmarks.wrk import CHAT, CHAT_STREAM, run_wrk
 
 #: Events per streamed reply from the fake upstream, plus "data: [DONE]".
@@ -316,4 +317,6 @@ SCENARIOS: dict[str, Callable[[Harness], dict[str, Any]]] = {
     "relay-delay": relay_delay,
     "many-streams": many_open_streams,
     "moderated-stream": moderated_stream,
+    "limits": limits,
+    "limits-callgrind": limits_instructions,
 }

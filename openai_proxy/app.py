@@ -7,7 +7,8 @@ the right order.
 from __future__ import annotations
 
 import signal
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -104,6 +105,10 @@ class ProxyApp(Service):
                 config.admin_key, self.limiter, lambda: registry.names
             )
         self._old_sighup: Any = None
+        self._reactor = reactor
+        #: Called after each SIGHUP's reload of the keys file (the main
+        #: process passes the signal on to its workers here).
+        self.on_sighup: list[Callable[[], None]] = []
         self.resource = ProxyResource(
             config,
             reactor,
@@ -165,10 +170,13 @@ class ProxyApp(Service):
     def _sighup(self, signum: int, frame: Any) -> None:
         # Signal handlers run between bytecodes: re-read the file from the
         # reactor instead, where nothing is half-done.
-        from twisted.internet import reactor
+        self._reactor.callFromThread(self._reload)
 
+    def _reload(self) -> None:
         if self.registry is not None:
-            cast(Any, reactor).callFromThread(self.registry.reload)
+            self.registry.reload()
+        for hook in self.on_sighup:
+            hook()
 
     async def _stop(self) -> None:
         if self._probe.running:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -113,8 +113,16 @@ class Limiter(Protocol):
 
 def periods(now: float) -> tuple[str, str]:
     """The UTC day (C{YYYY-MM-DD}) and month (C{YYYY-MM}) of C{now}."""
-    day = time.strftime("%Y-%m-%d", time.gmtime(now))
-    return day, day[:7]
+    second = int(now)
+    if second != _last_period[0]:
+        # Asked several times per request: format once a second.
+        day = time.strftime("%Y-%m-%d", time.gmtime(second))
+        _last_period[:] = [second, (day, day[:7])]
+    found: tuple[str, str] = _last_period[1]
+    return found
+
+
+_last_period: list[Any] = [None, ("", "")]
 
 
 def format_reset(seconds: float) -> str:
@@ -128,19 +136,31 @@ def format_reset(seconds: float) -> str:
     return f"{int(minutes)}m{rest_text}" if minutes else rest_text
 
 
+_ONE_REQUEST = (("requests", 1),)
+_HEADER_NAMES = {
+    kind: (
+        b"x-ratelimit-limit-" + kind,
+        b"x-ratelimit-remaining-" + kind,
+        b"x-ratelimit-reset-" + kind,
+    )
+    for kind in (b"requests", b"tokens")
+}
+
+
 def rate_headers(key: NamedKey, decision: Decision) -> list[tuple[bytes, bytes]]:
     """The C{x-ratelimit-*} headers for C{key} after C{decision}."""
     headers: list[tuple[bytes, bytes]] = []
     for kind, limit, used, reset in (
-        ("requests", key.rpm, decision.requests_used, decision.requests_reset),
-        ("tokens", key.tpm, decision.tokens_used, decision.tokens_reset),
+        (b"requests", key.rpm, decision.requests_used, decision.requests_reset),
+        (b"tokens", key.tpm, decision.tokens_used, decision.tokens_reset),
     ):
         if limit is None:
             continue
+        limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
         headers += [
-            (b"x-ratelimit-limit-" + kind.encode(), b"%d" % limit),
-            (b"x-ratelimit-remaining-" + kind.encode(), b"%d" % max(0, limit - used)),
-            (b"x-ratelimit-reset-" + kind.encode(), format_reset(reset).encode()),
+            (limit_name, b"%d" % limit),
+            (remaining_name, b"%d" % max(0, limit - used)),
+            (reset_name, format_reset(reset).encode()),
         ]
     return headers
 
@@ -257,7 +277,7 @@ class LocalLimiter:
             if key.rpm is not None:
                 requests.add(now, 1)
             state.in_flight += 1
-            self._count(key.name, now, "requests", 1)
+            self._count(key.name, now, _ONE_REQUEST)
         return Decision(
             denied,
             retry,
@@ -278,19 +298,26 @@ class LocalLimiter:
         if state is not None and key.tpm is not None and spent > 0:
             state.tokens.trim(now)
             state.tokens.add(now, spent)
-        self._count(key.name, now, "prompt_tokens", usage.prompt)
-        self._count(key.name, now, "completion_tokens", usage.completion)
+        self._count(
+            key.name,
+            now,
+            (("prompt_tokens", usage.prompt), ("completion_tokens", usage.completion)),
+        )
 
-    def _count(self, name: str, now: float, what: str, amount: int) -> None:
-        if not amount:
-            return
+    def _count(
+        self, name: str, now: float, amounts: tuple[tuple[str, int], ...]
+    ) -> None:
         for period in periods(now):
             table = self._usage.get(period)
             if table is None:
                 self._forget_old(now)
                 table = self._usage[period] = {}
-            counts = table.setdefault(name, {})
-            counts[what] = counts.get(what, 0) + amount
+            counts = table.get(name)
+            if counts is None:
+                counts = table[name] = {}
+            for what, amount in amounts:
+                if amount:
+                    counts[what] = counts.get(what, 0) + amount
 
     def _forget_old(self, now: float) -> None:
         current = periods(now)

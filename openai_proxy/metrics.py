@@ -307,6 +307,7 @@ class Metrics:
             registry=registry,
         )
         self._key_names: set[str] = set()
+        self._token_children: dict[str, tuple[Any, Any]] = {}
 
         # Binding label children once keeps label validation and the
         # metric's lock off the per-request path; it also makes every series
@@ -391,11 +392,20 @@ class Metrics:
 
     def tokens(self, key: str, prompt: int, completion: int) -> None:
         """Count the tokens one reply used on the named key C{key}."""
-        label = self._key_label(key)
+        # The two series of a key, looked up once (labels() takes a lock).
+        children = self._token_children.get(key)
+        if children is None:
+            label = self._key_label(key)
+            children = (
+                self._tokens.labels(label, "prompt"),
+                self._tokens.labels(label, "completion"),
+            )
+            if label == key:  # as bounded as the label set
+                self._token_children[key] = children
         if prompt > 0:
-            self._tokens.labels(label, "prompt").inc(prompt)
+            children[0].inc(prompt)
         if completion > 0:
-            self._tokens.labels(label, "completion").inc(completion)
+            children[1].inc(completion)
 
     def rate_limited(self, key: str, limit: str) -> None:
         """Count a request on the named key C{key} refused by C{limit}."""

@@ -216,7 +216,7 @@ def makeService(options: Options) -> service.IService:
 
     from openai_proxy import metrics
     from openai_proxy.app import ProxyApp
-    from openai_proxy.workers import is_worker, listen_and_fork
+    from openai_proxy.workers import WorkersService, is_worker, listen_and_fork
 
     config: Config = options["config"]
     if config.workers > 1:
@@ -226,14 +226,18 @@ def makeService(options: Options) -> service.IService:
     # The app first: services stop in reverse order, so the ports stop
     # accepting before the app drains the requests in flight.
     app.setServiceParent(top)
-    listen_and_fork(
+    served = listen_and_fork(
         config.listen,
         app.site,
         config.workers,
         reactor,
         options,
         on_child_exit=metrics.forget_process,
-    ).setServiceParent(top)
+    )
+    served.setServiceParent(top)
+    if isinstance(served, WorkersService) and app.registry is not None:
+        # One kill -HUP to the main process re-reads the keys file everywhere.
+        app.on_sighup.append(lambda: served.signal_children("HUP"))
     if not is_worker():
         # Once per start: the workers' own makeService would repeat it.
         StartupLine(config).setServiceParent(top)

@@ -18,7 +18,10 @@ Lifecycle:
    in-flight requests), killing any still alive after C{grace} seconds;
  - a child whose parent dies stops too: the pipe it reads its settings from
    reaches end-of-file, and on Linux it also gets C{SIGTERM}
-   (C{PR_SET_PDEATHSIG}).
+   (C{PR_SET_PDEATHSIG});
+ - L{WorkersService.signal_children} passes a signal on (the application
+   does so with C{SIGHUP}, so one C{kill -HUP} re-reads the keys file in
+   every process); a child ignores C{SIGHUP} until its application handles it.
 
 Only plain C{tcp:} descriptions can be shared; asking for more than one
 worker with any other raises L{ConfigError}.
@@ -354,6 +357,11 @@ class WorkersService(Service):
         self._stopped.addBoth(_cancel_then, killer)
         return self._stopped
 
+    def signal_children(self, name: str) -> None:
+        """Send the signal C{name} (C{"HUP"}, say) to every running child."""
+        for child in self._procs.values():
+            child.signal(name)
+
     def _close_sockets(self) -> None:
         for socks in self._sockets:
             for sock in socks:
@@ -482,6 +490,9 @@ def child_main() -> None:
     the inherited sockets, and run until C{SIGTERM} or the parent's death.
     """
     global _inherited
+    # The parent passes SIGHUP on (to re-read the keys file): until the
+    # application sets its own handler, one must not end this worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     size = struct.unpack(">I", _read_exactly(0, 4))[0]
     spec: _Spec = pickle.loads(_read_exactly(0, size))
     _die_with_parent(spec.parent_pid)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
+import os
 import shutil
 import socket
+from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
@@ -17,6 +24,62 @@ SKIP = (
     if REDIS_SERVER
     else "redis-server is not installed (apt-get install redis-server)"
 )
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files: a CA, and a certificate it signed for localhost, with its key."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+def make_tls_files(directory: str) -> TLSFiles:
+    """Write a fresh CA and a localhost certificate into C{directory}."""
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(
+        subject: str, key: Any, issuer: str, signer: Any, ca: bool
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+        )
+        if not ca:
+            names = [x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("test CA", ca_key, "test CA", ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = certificate("localhost", key, "test CA", ca_key, False)
+    files = TLSFiles(
+        *(os.path.join(directory, n) for n in ("ca.pem", "cert.pem", "key.pem"))
+    )
+    for path, data in (
+        (files.ca, ca.public_bytes(serialization.Encoding.PEM)),
+        (files.cert, cert.public_bytes(serialization.Encoding.PEM)),
+        (
+            files.key,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            ),
+        ),
+    ):
+        with open(path, "wb") as f:
+            f.write(data)
+    return files
 
 
 def free_port() -> int:
@@ -53,8 +116,22 @@ class RedisServer:
         self._process: Any = None
 
     @classmethod
-    async def start(cls, test: Any) -> RedisServer:
+    async def start(
+        cls, test: Any, *options: str, tls: TLSFiles | None = None
+    ) -> RedisServer:
+        """
+        Start one, with extra command-line C{options} (C{--requirepass X});
+        with C{tls}, it serves TLS only (C{rediss://localhost:PORT/0}).
+        """
         server = cls()
+        if tls is not None:
+            server.url = f"rediss://localhost:{server.port}/0"
+            options = (
+                *("--port", "0", "--tls-port", str(server.port)),
+                *("--tls-cert-file", tls.cert, "--tls-key-file", tls.key),
+                *("--tls-ca-cert-file", tls.ca, "--tls-auth-clients", "no"),
+                *options,
+            )
         assert REDIS_SERVER is not None
         server._process = reactor.spawnProcess(
             server._watch,
@@ -69,6 +146,7 @@ class RedisServer:
                 str(server.port),
                 "--bind",
                 "127.0.0.1",
+                *options,
             ],
             env=None,
         )

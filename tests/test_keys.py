@@ -17,9 +17,17 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
 from openai_proxy.keys import KeysFileError, parse_keys
-from openai_proxy.limits import LocalLimiter, format_reset
-from tests.fake_upstream import Script, chat_chunk, sse_events
+from openai_proxy.limits import LocalLimiter, Usage, format_reset
+from openai_proxy.usage import Meter
+from tests.fake_upstream import (
+    AUDIO,
+    Script,
+    chat_chunk,
+    chat_completion,
+    sse_events,
+)
 from tests.harness import JSON, RelayTestCase
+from tests.test_formfield import form
 
 ALICE = "pk-alice-3f9c2a71d5e8"
 BOB = "pk-bob-77aa01"
@@ -112,6 +120,38 @@ class KeysFileTests(SynchronousTestCase):
         self.assertIsNone(limiter.decide(alice).denied)
 
 
+class JSONUsageTests(SynchronousTestCase):
+    def usage(self, reply: Any, pieces: int = 3) -> Usage | None:
+        body = json.dumps(reply).encode()
+        passed: list[bytes] = []
+        meter = Meter(passed.append, sse=False, strip=False)
+        step = len(body) // pieces + 1
+        for at in range(0, len(body), step):
+            meter.feed(body[at : at + step])
+        meter.end()
+        self.assertEqual(b"".join(passed), body)
+        return meter.usage
+
+    def test_the_replys_usage_not_text_that_looks_like_it(self) -> None:
+        fake = '"usage": {"prompt_tokens": 999, "completion_tokens": 999}'
+        reply = chat_completion(fake)
+        reply["usage"] = {
+            "prompt_tokens": 12,
+            "completion_tokens": 3,
+            "prompt_tokens_details": {"cached_tokens": 10},
+        }
+        self.assertEqual(self.usage(reply), Usage(12, 3))
+        del reply["usage"]
+        self.assertIsNone(self.usage(reply))
+
+    def test_responses_and_embeddings(self) -> None:
+        responses = {"output": [], "usage": {"input_tokens": 7, "output_tokens": 2}}
+        self.assertEqual(self.usage(responses), Usage(7, 2))
+        embeddings = {"data": [], "usage": {"prompt_tokens": 4, "total_tokens": 4}}
+        self.assertEqual(self.usage(embeddings), Usage(4, 0))
+        self.assertIsNone(self.usage({"usage": None, "x": 1}))
+
+
 class NamedKeyTests(RelayTestCase):
     def setUp(self) -> None:
         self.path = keys_file(self, KEYS_TOML)
@@ -184,6 +224,105 @@ class NamedKeyTests(RelayTestCase):
         self.assertEqual(
             (refused.code, body["error"]["code"]), (403, "model_not_allowed")
         )
+        self.assertEqual(self.fake.received, [])
+
+    async def post_form(self, key: str, *parts: tuple[bytes, bytes]) -> Any:
+        boundary = b"----keysboundary"
+        body = form(*parts, boundary=boundary)
+        response = await self.http.post(
+            self.url("/v1/audio/transcriptions"),
+            body,
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "multipart/form-data; boundary=" + boundary.decode(),
+            },
+        )
+        return response, body
+
+    async def test_a_form_model_outside_models_is_refused_before_going_upstream(
+        self,
+    ) -> None:
+        # The field after a 300 KB upload, which twisted.web spools to a file.
+        refused, _ = await self.post_form(
+            ALICE,
+            (b'name="file"; filename="a.mp3"', os.urandom(300 * 1024)),
+            (b'name="model"', b"whisper-1"),
+        )
+        body = json.loads(await refused.content())
+        self.assertEqual(
+            (refused.code, body["error"]["code"]), (403, "model_not_allowed")
+        )
+        self.assertIn("whisper-1", body["error"]["message"])
+        self.assertEqual(self.fake.received, [])
+
+    async def test_a_form_naming_a_second_model_is_refused(self) -> None:
+        refused, _ = await self.post_form(
+            ALICE,
+            (b'name="model"', b"gpt-4o-transcribe"),
+            (b'name="file"; filename="a.mp3"', b"\0" * 1000),
+            (b"name=model", b"whisper-1"),
+        )
+        body = json.loads(await refused.content())
+        self.assertEqual(
+            (refused.code, body["error"]["code"]), (403, "model_not_allowed")
+        )
+        self.assertEqual(self.fake.received, [])
+
+    async def test_a_form_with_an_allowed_model_goes_upstream_unchanged(
+        self,
+    ) -> None:
+        response, sent = await self.post_form(
+            ALICE,
+            (b'name="model"', b"gpt-4o-transcribe"),
+            (b'name="file"; filename="a.mp3"', os.urandom(200 * 1024)),
+        )
+        await response.content()
+        self.assertEqual(self.fake.received[-1].body, sent)
+
+    async def test_the_sdk_raises_permission_denied_for_a_transcription_model(
+        self,
+    ) -> None:
+        sdk = openai.OpenAI(
+            base_url=self.url("/v1"), api_key=ALICE, max_retries=0, timeout=10
+        )
+        self.addCleanup(sdk.close)
+
+        def transcribe() -> Any:
+            try:
+                sdk.audio.transcriptions.create(
+                    model="whisper-1", file=("a.mp3", AUDIO, "audio/mpeg")
+                )
+            except openai.PermissionDeniedError as e:
+                return e
+            return None
+
+        error = await deferToThread(transcribe)
+        self.assertIsInstance(error, openai.PermissionDeniedError)
+        self.assertEqual(error.code, "model_not_allowed")
+        self.assertEqual(self.fake.received, [])
+
+    async def test_a_model_is_checked_however_the_json_is_sent(self) -> None:
+        messages = json.dumps(chat()["messages"])
+        for ctype, body in [
+            ("text/plain", json.dumps(chat(model="gpt-3.5-turbo"))),
+            (
+                "application/json",
+                f'{{"model": "gpt-4o-mini", "messages": {messages}, '
+                f'"model": "gpt-3.5-turbo"}}',
+            ),
+            (
+                "application/json",
+                f'{{"model": "gpt-3.5-turbo", "messages": {messages}, '
+                f'"model": "gpt-4o-mini"}}',
+            ),
+        ]:
+            refused = await self.http.post(
+                self.url("/v1/chat/completions"),
+                body.encode(),
+                headers={"Authorization": f"Bearer {ALICE}", "Content-Type": ctype},
+            )
+            error = json.loads(await refused.content())["error"]
+            self.assertEqual((refused.code, error["code"]), (403, "model_not_allowed"))
         self.assertEqual(self.fake.received, [])
 
     async def test_disabled_expired_and_unknown_keys_are_refused(self) -> None:

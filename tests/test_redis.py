@@ -8,14 +8,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
+from openai_proxy.failover import KeyPool
+from openai_proxy.keys import NamedKey
+from openai_proxy.limits import Usage
+from openai_proxy.redisstore import RedisStore
 from tests.fake_upstream import FakeOpenAI, Script
 from tests.harness import JSON, Proxy, client
 from tests.redis_server import SKIP, RedisServer
 from tests.test_keys import ADMIN, ALICE, BOB, CAROL, KEYS_TOML, chat, keys_file
 from tests.test_operations import start_twistd
+from tests.test_sighup import HoldingUpstream
 
 
 class SharedLimitsTests(TestCase):
@@ -23,7 +29,7 @@ class SharedLimitsTests(TestCase):
 
     async def start(self, **extra: str) -> list[Proxy]:
         self.redis = await RedisServer.start(self)
-        self.fake = FakeOpenAI()
+        self.fake = HoldingUpstream()
         self.env = {
             "UPSTREAM": self.fake.start(self),
             "KEYS_FILE": keys_file(self, KEYS_TOML),
@@ -39,11 +45,16 @@ class SharedLimitsTests(TestCase):
             await proxy.app.store.ready()
         return proxies
 
-    async def post(self, base: str, key: str, payload: Any | None = None) -> Any:
+    async def post(
+        self, base: str, key: str, payload: Any | None = None, hold: bool = False
+    ) -> Any:
+        headers = {"Authorization": f"Bearer {key}", **JSON}
+        if hold:
+            headers["X-Hold"] = "1"  # the upstream answers when released
         response = await self.http.post(
             base + "/v1/chat/completions",
             json.dumps(payload or chat()).encode(),
-            headers={"Authorization": f"Bearer {key}", **JSON},
+            headers=headers,
         )
         body = await response.content()
         return response, body
@@ -78,17 +89,13 @@ class SharedLimitsTests(TestCase):
 
     async def test_concurrency_is_shared_and_released(self) -> None:
         one, two = await self.start()
-        self.fake.by_key["sk-server-one"] = Script(stall=True)
-        self.fake.by_key["sk-server-two"] = Script(stall=True)
-        first = Deferred.fromCoroutine(self.post(one.url, CAROL))
-        while not self.fake.received:
-            await (await self.http.get(one.url + "/healthz")).content()
+        first = Deferred.fromCoroutine(self.post(one.url, CAROL, hold=True))
+        await self.fake.arrived
         refused, _ = await self.post(two.url, CAROL)
         self.assertEqual(refused.code, 429)
-        self.fake.by_key.clear()
-        self.fake._cleanup()
-        await first
-        await two.app.store._conn.ping()  # the release went before this
+        self.fake.release()
+        self.assertEqual((await first)[0].code, 200)
+        await one.app.store.ping()  # the release went before this
         self.assertEqual((await self.post(two.url, CAROL))[0].code, 200)
 
     async def test_a_bench_is_seen_by_the_other_proxy(self) -> None:
@@ -141,13 +148,9 @@ class TwoProcessTests(TestCase):
         http = client(self)
         ports = []
         for _ in range(2):
-            _, port = await start_twistd(self, env)
+            proc, port = await start_twistd(self, env)
+            await proc.logged(rb"Redis connected")
             ports.append(port)
-        for port in ports:
-            while True:  # until its Redis connection is up
-                ready = await http.get(f"http://127.0.0.1:{port}/readyz")
-                if json.loads(await ready.content()).get("redis") == "up":
-                    break
         codes = []
         for port in (ports[0], ports[1], ports[0], ports[1]):
             response = await http.post(
@@ -158,3 +161,63 @@ class TwoProcessTests(TestCase):
             await response.content()
             codes.append(response.code)
         self.assertEqual(codes, [200, 200, 429, 429])
+
+
+class RedisWindowTests(TestCase):
+    """The sliding windows of the Redis scripts, seeded with past buckets."""
+
+    skip = SKIP
+
+    async def start(self) -> RedisStore:
+        redis = await RedisServer.start(self)
+        store = RedisStore(redis.url, reactor, KeyPool([]))
+        store.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(store.stop()))
+        await store.ready()
+        return store
+
+    async def seed(self, store: RedisStore, window: str, ago: dict[int, int]) -> int:
+        """Put buckets seconds C{ago} into a window; return Redis's second."""
+        reply = await store._redis.call("TIME")
+        assert isinstance(reply, list) and isinstance(reply[0], bytes)
+        now = int(reply[0])
+        fields: list[Any] = []
+        for seconds, count in ago.items():
+            fields += [now - seconds, count]
+        oldest, newest = now - max(ago), now - min(ago)
+        total = sum(ago.values())
+        key = "openai-proxy:" + window
+        await store._redis.call("HSET", key, "t", total, "o", oldest, "n", newest)
+        await store._redis.call("HSET", key, *fields)
+        return now
+
+    async def test_requests_leave_the_window_after_a_minute(self) -> None:
+        store = await self.start()
+        key = NamedKey("w", b"x" * 32, rpm=3)
+        now = await self.seed(store, "rpm:w", {61: 3, 30: 2})
+        admitted = await store.admit(key, "t1")
+        self.assertIsNone(admitted.denied)
+        self.assertEqual(admitted.requests_used, 3)
+        self.assertTrue(29 <= admitted.requests_reset <= 31)
+        gone = await store._redis.call("HEXISTS", "openai-proxy:rpm:w", now - 61)
+        self.assertEqual(gone, 0)
+        refused = await store.admit(key, "t2")
+        self.assertEqual(refused.denied, "requests")
+        self.assertTrue(29 <= refused.retry_after <= 31, refused)
+
+    async def test_an_idle_window_starts_afresh(self) -> None:
+        store = await self.start()
+        key = NamedKey("w", b"x" * 32, rpm=3)
+        await self.seed(store, "rpm:w", {100: 5, 90: 4})
+        admitted = await store.admit(key, "t1")
+        self.assertEqual((admitted.denied, admitted.requests_used), (None, 1))
+
+    async def test_tokens_charged_at_the_end_count_toward_tpm(self) -> None:
+        store = await self.start()
+        key = NamedKey("w", b"x" * 32, tpm=10)
+        await self.seed(store, "tpm:w", {45: 4})
+        self.assertEqual((await store.admit(key, "t1")).tokens_used, 4)
+        store.settle(key, "t1", Usage(3, 3))  # sent before the next admission
+        refused = await store.admit(key, "t2")
+        self.assertEqual((refused.denied, refused.tokens_used), ("tokens", 10))
+        self.assertTrue(14 <= refused.retry_after <= 16, refused)

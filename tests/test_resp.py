@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -208,3 +210,57 @@ def _restore_env(name: str, value: str | None) -> None:
         os.environ.pop(name, None)
     else:
         os.environ[name] = value
+
+
+def _resp(reply: Reply) -> bytes:
+    # The test's own encoder of replies, independent of the client's.
+    if reply is None:
+        return b"$-1\r\n"
+    if isinstance(reply, RedisError):
+        return b"-" + str(reply).encode() + b"\r\n"
+    if isinstance(reply, int):
+        return b":%d\r\n" % reply
+    if isinstance(reply, bytes):
+        return b"$%d\r\n%s\r\n" % (len(reply), reply)
+    return b"*%d\r\n" % len(reply) + b"".join(_resp(item) for item in reply)
+
+
+_reply_trees = st.recursive(
+    st.none() | st.integers() | st.binary(max_size=40),
+    lambda children: st.lists(children, max_size=5),
+    max_leaves=20,
+)
+
+
+class ParsePropertyTests(SynchronousTestCase):
+    @given(st.lists(_reply_trees, min_size=1, max_size=5), st.data())
+    def test_replies_split_anywhere_parse_back_the_same(
+        self, replies: list[Reply], data: st.DataObject
+    ) -> None:
+        stream = b"".join(_resp(r) for r in replies)
+        cuts = sorted(
+            data.draw(st.lists(st.integers(0, len(stream)), max_size=6), "cuts")
+        )
+        # Fed as the socket might deliver it: parse what is complete,
+        # keep the rest for the next piece.
+        got: list[Reply] = []
+        buffer = b""
+        for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            buffer += stream[start:stop]
+            pos = 0
+            while pos < len(buffer):
+                try:
+                    reply, pos = parse(buffer, pos)
+                except _Incomplete:
+                    break
+                got.append(reply)
+            buffer = buffer[pos:]
+        self.assertEqual(got, replies)
+        self.assertEqual(buffer, b"")
+
+    @given(st.binary(max_size=200))
+    def test_any_bytes_parse_or_are_refused_cleanly(self, raw: bytes) -> None:
+        try:
+            parse(raw)
+        except (_Incomplete, ValueError):
+            pass

@@ -143,14 +143,21 @@ class ProxyChannel(HTTPChannel):
     each ask is a C{getsockname} system call.
     """
 
-    # A slot, not an instance attribute: one more key in the channel's
-    # __dict__ made it grow, ~1.3 KB per open connection.
-    __slots__ = ("_cached_host",)
+    # Slots, not instance attributes: each key added to a channel's
+    # __dict__ after it is made can make the dict grow, ~1.3 KB per open
+    # connection for the first one.
+    __slots__ = ("_cached_host", "_deadline", "_awaiting_head", "_head_started")
     _cached_host: IAddress
     site: ProxySite
-    _deadline: IDelayedCall | None = None
-    _awaiting_head = True
-    _head_started = False
+    _deadline: IDelayedCall | None
+    _awaiting_head: bool
+    _head_started: bool
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._deadline = None
+        self._awaiting_head = True
+        self._head_started = False
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hyperlink import EncodedURL
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from treq.client import HTTPClient
 from treq.response import _Response
@@ -271,6 +271,9 @@ class RelayAgentTests(TestCase):
     def test_request_is_handed_on_as_agent_would(
         self, base: str, target: str, method: bytes
     ) -> None:
+        # Agent's own target for a path starting "//" depends on the Python
+        # version's urlunparse (newer ones make it "////"): pinned below.
+        assume(not target.startswith("//"))
         upstreams = Upstreams(base)
         try:
             url = Upstreams.url(upstreams.base_for("sk"), target.encode())
@@ -279,6 +282,18 @@ class RelayAgentTests(TestCase):
         self.assertEqual(
             _recorded(self.ours, method, url), _recorded(self.theirs, method, url)
         )
+
+    def test_a_path_starting_with_two_slashes_goes_as_the_client_sent_it(
+        self,
+    ) -> None:
+        base = Upstreams("http://127.0.0.1:8080").base_for("sk")
+        for target in (b"//", b"//x/y", b"//evil.example/v1?q=1"):
+            key, _, sent, _, _, origin, _ = _recorded(
+                self.ours, b"GET", Upstreams.url(base, target)
+            )
+            self.assertEqual(sent, target)
+            self.assertEqual(key, (b"http", b"127.0.0.1", 8080))
+            self.assertEqual(origin[1], b"127.0.0.1:8080")
 
     def test_agent_internals_used_are_there(self) -> None:
         params = list(inspect.signature(Agent._requestWithEndpoint).parameters)

@@ -104,9 +104,6 @@ class Responder:
             assert plan is not None
             await self._relay_moderated_body(exchange, response, plan, key, account)
         else:
-            sink: Callable[[bytes], None] = exchange.write
-            if account is not None and metered:
-                sink = account.metered(sink, sse=sse)
             # Relayed as sent: a compressed body keeps its Content-Encoding
             # and its length (unless metering rewrites the stream).
             if (
@@ -115,20 +112,28 @@ class Responder:
                 and not (metered and sse and account is not None and account.rewrites)
             ):
                 request.setHeader(b"content-length", b"%d" % response.length)
-            broken = await self._deliver(exchange, response, sink)
-            if account is not None:
-                account.end_of_body()
+            broken = await self._deliver(
+                exchange, response, exchange.write, account if metered else None, sse
+            )
             if broken is not None:
                 self._broken_body(exchange, broken, sse)
         exchange.finish()
 
     async def _deliver(
-        self, exchange: Exchange, response: IResponse, sink: Callable[[bytes], None]
+        self,
+        exchange: Exchange,
+        response: IResponse,
+        sink: Callable[[bytes], None],
+        account: Account | None = None,
+        sse: bool = False,
     ) -> Failure | None:
         """
-        Deliver the response body to C{sink} as it arrives; return L{None}
-        when it ended normally, else why it did not.
+        Deliver the response body to C{sink} as it arrives, through
+        C{account}'s token meter when one is given; return L{None} when it
+        ended normally, else why it did not.
         """
+        if account is not None:
+            sink = account.metered(sink, sse=sse)
         relay = BodyRelay(
             sink,
             exchange.request,
@@ -139,11 +144,14 @@ class Responder:
         )
         exchange.relay = relay
         response.deliverBody(relay)
+        broken = None
         try:
             await relay.done
         except Exception:
-            return Failure()
-        return None
+            broken = Failure()
+        if account is not None:
+            account.end_of_body()
+        return broken
 
     def _broken_body(self, exchange: Exchange, failure: Failure, sse: bool) -> None:
         """Tell the client, as well as its response still allows, that the body broke off."""
@@ -183,12 +191,7 @@ class Responder:
 
         moderator = plan.stream_moderator(exchange.write, stop_upstream, key)
         exchange.moderator = moderator
-        sink: Callable[[bytes], None] = moderator.feed
-        if account is not None:
-            sink = account.metered(sink, sse=True)
-        broken = await self._deliver(exchange, response, sink)
-        if account is not None:
-            account.end_of_body()
+        broken = await self._deliver(exchange, response, moderator.feed, account, True)
         await moderator.end()
         if moderator.blocked:
             self._metrics.stream_blocked()
@@ -218,12 +221,7 @@ class Responder:
                 if exchange.relay is not None:
                     exchange.relay.stop()
 
-        sink: Callable[[bytes], None] = collect
-        if account is not None:
-            sink = account.metered(sink, sse=False)
-        broken = await self._deliver(exchange, response, sink)
-        if account is not None:
-            account.end_of_body()
+        broken = await self._deliver(exchange, response, collect, account)
         if held > limit:
             broken = Failure(
                 DecodeError(f"the body is larger than {limit} bytes (MAX_DECODED_BODY)")

@@ -56,16 +56,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # -- 2. the stand-in base ---------------------------------------------------------
-# The mirror apt uses here (no other host is reachable on such machines).
-debian_mirror() {
-  grep -hsE '^[[:space:]]*(URIs:|deb[[:space:]])' /etc/apt/sources.list /etc/apt/sources.list.d/* |
-    grep -oE 'https?://[^[:space:]]+/debian/?([[:space:]]|$)' | head -1 | tr -d '[:space:]' || true
-}
-
 if ! podman image exists "$base_image"; then
   if [ ! -s "$base_tar" ]; then
-    mirror="$(debian_mirror)"
-    mirror="${mirror:-http://deb.debian.org/debian}"
+    mirror="$(deploy/debian-mirror)"
     say "debootstrap bookworm minbase from $mirror (once per machine; cached in $cache)"
     rootfs="$work/standin"
     debootstrap --variant=minbase \

@@ -15,10 +15,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY . /src
 # Write Twisted's plugin cache (dropin.cache) now: at run time the non-root
-# user cannot, and twistd would log a warning at every start.
+# user cannot, and twistd would log a warning at every start.  Twisted
+# rewrites a cache that is not strictly newer than every plugin module, and a
+# layer may keep only whole seconds, so the cache is dated 2 s after the
+# newest file beside it (a fast build writes both in the same second).
 RUN ${PYTHON} -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install /src \
- && /opt/venv/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+ && /opt/venv/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
+ && /opt/venv/bin/python -c "import os, twisted.plugins as p; d = os.path.dirname(p.__file__); t = int(max(os.stat(os.path.join(d, f)).st_mtime for f in os.listdir(d))) + 2; os.utime(os.path.join(d, 'dropin.cache'), (t, t))"
 
 FROM ${BASE}
 # A name and uid that no Debian base has (base-passwd already owns `proxy`).

@@ -154,6 +154,17 @@ if [ -n "$(find "$root" -path "$root/proc" -prune -o -path '*/src/openai_proxy*'
 else
   pass "no source tree in the image"
 fi
+# Twisted rewrites a plugin cache that is not strictly newer, in whole
+# seconds as a layer may keep them, than every plugin module beside it.
+cache="$(find "$root/opt/venv" -path '*/twisted/plugins/dropin.cache' -print -quit)"
+if [ -z "$cache" ]; then fail "the image has a plugin cache"; else
+  newest="$(find "$(dirname "$cache")" -maxdepth 1 -name '*.py' -printf '%T@\n' | sort -n | tail -1)"
+  if [ "$(stat -c %Y "$cache")" -gt "${newest%.*}" ]; then
+    pass "the plugin cache is newer than every plugin module"
+  else
+    fail "the plugin cache ($(stat -c %Y "$cache")) is not newer than a plugin module (${newest%.*})"
+  fi
+fi
 
 # -- 4. run it --------------------------------------------------------------------
 # What a container runtime gives: /proc, a /dev of its own with the usual

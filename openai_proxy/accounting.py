@@ -24,6 +24,7 @@ from openai_proxy.limits import (
     Decision,
     Limiter,
     LimitsUnavailable,
+    LocalLimiter,
     rate_headers,
     rate_limited,
 )
@@ -59,6 +60,8 @@ class Accounting:
         inject_usage: bool = True,
     ) -> None:
         self.limiter = limiter
+        # In-process limits decide at once: no Deferred to wait on.
+        self._decide = limiter.decide if isinstance(limiter, LocalLimiter) else None
         self._metrics = metrics
         self._deny_on_error = on_error == "deny"
         self._inject = inject_usage
@@ -75,7 +78,10 @@ class Accounting:
         injected = inspect_request(request, key, self._inject)
         ticket = self._prefix + str(next(self._tickets))
         try:
-            decision = await self.limiter.admit(key, ticket)
+            if self._decide is not None:
+                decision = self._decide(key)
+            else:
+                decision = await self.limiter.admit(key, ticket)
         except LimitsUnavailable as e:
             self._metrics.limits_error()
             _log.warn("limits not checked: {why}", why=e)
@@ -116,8 +122,9 @@ class Account:
     def decorate(self, request: Request) -> None:
         """Set this key's C{x-ratelimit-*} headers on the response."""
         if self.decision is not None:
+            set_header = request.responseHeaders.setRawHeaders
             for name, value in rate_headers(self.key, self.decision):
-                request.responseHeaders.setRawHeaders(name, [value])
+                set_header(name, [value])
 
     def metered(
         self, sink: Callable[[bytes], None], *, sse: bool

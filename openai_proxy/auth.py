@@ -136,7 +136,7 @@ class KeyPolicy:
                 named = self._registry.find(presented)
             if named is None and not plain:
                 raise errors.WRONG_PROXY_KEY
-            if named is not None:
+            if named is not None and (named.disabled or named.expires is not None):
                 refused = key_refused(
                     named, datetime.datetime.now(datetime.timezone.utc)
                 )

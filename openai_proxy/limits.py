@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -33,10 +33,10 @@ LIMIT_KINDS = ("requests", "tokens", "concurrency")
 COUNTS = ("requests", "prompt_tokens", "completion_tokens")
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """
-    The outcome of one admission check.
+    The outcome of one admission check (a named tuple: made on every
+    request, and a frozen dataclass costs three times as much to make).
 
     @ivar denied: L{None} when admitted, else which limit refused it
         (one of L{LIMIT_KINDS}).
@@ -56,8 +56,7 @@ class Decision:
     tokens_reset: float = 0.0
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
     """Tokens one reply used, as the upstream reported them."""
 
     prompt: int = 0
@@ -131,37 +130,44 @@ def format_reset(seconds: float) -> str:
         return "0s"
     if seconds < 1:
         return f"{max(1, math.ceil(seconds * 1000))}ms"
+    if seconds < 59.9995:  # the usual case, every request: no divmod
+        return f"{round(seconds, 3):g}s"
     minutes, rest = divmod(seconds, 60)
     rest_text = f"{round(rest, 3):g}s"
     return f"{int(minutes)}m{rest_text}" if minutes else rest_text
 
 
 _ONE_REQUEST = (("requests", 1),)
-_HEADER_NAMES = {
-    kind: (
-        b"x-ratelimit-limit-" + kind,
-        b"x-ratelimit-remaining-" + kind,
-        b"x-ratelimit-reset-" + kind,
-    )
-    for kind in (b"requests", b"tokens")
-}
 
 
 def rate_headers(key: NamedKey, decision: Decision) -> list[tuple[bytes, bytes]]:
     """The C{x-ratelimit-*} headers for C{key} after C{decision}."""
+    # Written out rather than looped over: this runs on every response.
     headers: list[tuple[bytes, bytes]] = []
-    for kind, limit, used, reset in (
-        (b"requests", key.rpm, decision.requests_used, decision.requests_reset),
-        (b"tokens", key.tpm, decision.tokens_used, decision.tokens_reset),
-    ):
-        if limit is None:
-            continue
-        limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-        headers += [
-            (limit_name, b"%d" % limit),
-            (remaining_name, b"%d" % max(0, limit - used)),
-            (reset_name, format_reset(reset).encode()),
-        ]
+    rpm, tpm = key.rpm, key.tpm
+    if rpm is not None:
+        remaining = rpm - decision.requests_used
+        headers += (
+            (b"x-ratelimit-limit-requests", b"%d" % rpm),
+            (
+                b"x-ratelimit-remaining-requests",
+                b"%d" % (remaining if remaining > 0 else 0),
+            ),
+            (
+                b"x-ratelimit-reset-requests",
+                format_reset(decision.requests_reset).encode(),
+            ),
+        )
+    if tpm is not None:
+        remaining = tpm - decision.tokens_used
+        headers += (
+            (b"x-ratelimit-limit-tokens", b"%d" % tpm),
+            (
+                b"x-ratelimit-remaining-tokens",
+                b"%d" % (remaining if remaining > 0 else 0),
+            ),
+            (b"x-ratelimit-reset-tokens", format_reset(decision.tokens_reset).encode()),
+        )
     return headers
 
 
@@ -253,6 +259,8 @@ class LocalLimiter:
         self._clock = clock
         self._keys: dict[str, _KeyState] = {}
         self._usage: dict[str, dict[str, dict[str, int]]] = {}
+        # Per key name: the periods() pair last seen, and its count dicts.
+        self._counts: dict[str, tuple[tuple[str, str], tuple[dict[str, int], ...]]] = {}
 
     def admit(self, key: NamedKey, ticket: str) -> Deferred[Decision]:
         return succeed(self.decide(key))
@@ -307,7 +315,22 @@ class LocalLimiter:
     def _count(
         self, name: str, now: float, amounts: tuple[tuple[str, int], ...]
     ) -> None:
-        for period in periods(now):
+        current = periods(now)
+        found = self._counts.get(name)
+        if found is None or found[0] is not current:
+            found = self._counts[name] = (current, self._tables(name, now, current))
+        for counts in found[1]:
+            for what, amount in amounts:
+                if amount:
+                    counts[what] = counts.get(what, 0) + amount
+
+    def _tables(
+        self, name: str, now: float, current: tuple[str, str]
+    ) -> tuple[dict[str, int], ...]:
+        # The count dicts of C{name} for the day and month of C{now}; found
+        # again only when periods() hands out a new pair (once a second).
+        tables = []
+        for period in current:
             table = self._usage.get(period)
             if table is None:
                 self._forget_old(now)
@@ -315,9 +338,8 @@ class LocalLimiter:
             counts = table.get(name)
             if counts is None:
                 counts = table[name] = {}
-            for what, amount in amounts:
-                if amount:
-                    counts[what] = counts.get(what, 0) + amount
+            tables.append(counts)
+        return tuple(tables)
 
     def _forget_old(self, now: float) -> None:
         current = periods(now)

@@ -102,9 +102,29 @@ class KeysFileTests(SynchronousTestCase):
 
     def test_reset_is_written_like_openai(self) -> None:
         self.assertEqual(
-            [format_reset(s) for s in (0.02, 1, 59.5, 360)],
-            ["20ms", "1s", "59.5s", "6m0s"],
+            [format_reset(s) for s in (0.02, 1, 59.5, 59.9994, 59.9996, 60, 360.25)],
+            ["20ms", "1s", "59.5s", "59.999s", "60s", "1m0s", "6m0.25s"],
         )
+
+    def test_usage_counts_move_to_a_new_day_and_month(self) -> None:
+        # 2026-01-31 23:59:59 UTC, then one second later: a new day and month.
+        now = [1769903999.0]
+        limiter = LocalLimiter(lambda: now[0])
+        carol = parse_keys(KEYS_TOML)[2]  # no rpm: every request admitted
+        limiter.decide(carol)
+        limiter.settle(carol, "t1", Usage(3, 4))
+        now[0] += 1
+        limiter.decide(carol)
+        limiter.settle(carol, "t2", Usage(10, 20))
+        limiter.decide(carol)
+        limiter.settle(carol, "t3", None)
+        report = self.successResultOf(limiter.report(now[0]))
+        self.assertEqual((report.day, report.month), ("2026-02-01", "2026-02"))
+        expected = {"requests": 2, "prompt_tokens": 10, "completion_tokens": 20}
+        self.assertEqual(report.today, {"carol": expected})
+        self.assertEqual(report.this_month, {"carol": expected})
+        earlier = self.successResultOf(limiter.report(now[0] - 1))
+        self.assertEqual(earlier.today, {}, "January's counts are forgotten")
 
     def test_rpm_window_slides(self) -> None:
         now = [1000.0]

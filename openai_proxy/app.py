@@ -130,6 +130,7 @@ class ProxyApp(Service):
             allow_any_origin="*" in config.cors_origins,
             header_timeout=config.header_timeout,
             authorize=self.resource.authorize,
+            on_refused=self.metrics.refused,
         )
         short = sum(1 for key in config.proxy_keys if len(key) < SHORT_KEY)
         if short:

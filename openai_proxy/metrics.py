@@ -343,6 +343,16 @@ class Metrics:
         self._active_requests.inc()
         return RequestHandle(self, method_label(method), family, self._clock())
 
+    def refused(self, method: bytes, path: bytes, status: int) -> None:
+        """
+        Count a request the server refused before it reached the proxy's
+        resource (a bad key, an oversized or slow head, a body too large):
+        it is in C{openai_proxy_requests_total} like any other, but not in
+        the duration or byte series, as it never ran.
+        """
+        family = route_family(path) if path else "other"
+        self._requests_child(method_label(method), family, _status_label(status)).inc()
+
     def upstream_error(self, kind: str) -> None:
         """
         Count an upstream request that failed without a response.

@@ -28,6 +28,10 @@ from openai_proxy.logs import new_request_id
 #: refusing it.
 Authorize = Callable[[bytes, bytes, "bytes | None"], "Grant | None"]
 
+#: C{refused(method, path, status)}: told of each request answered by the
+#: server itself, before any resource saw it (for the metrics).
+Refused = Callable[[bytes, bytes, int], None]
+
 #: Of a refused request's body, at most this much is read (and thrown away)
 #: before the connection is closed: enough for a client that sends its whole
 #: body before reading to see the answer, too little to cost anything.
@@ -246,6 +250,8 @@ class ProxySite(Site):
 
     @param authorize: called as soon as a request's headers are in (see
         L{Authorize}); L{None} leaves key checks to the resource.
+    @param on_refused: told of every request the site answers itself (see
+        L{Refused}), after it is logged.
     """
 
     requestFactory = ProxyRequest
@@ -260,6 +266,7 @@ class ProxySite(Site):
         allow_any_origin: bool = True,
         header_timeout: float = 30.0,
         authorize: Authorize | None = None,
+        on_refused: Refused | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
@@ -267,6 +274,7 @@ class ProxySite(Site):
         self.allow_any_origin = allow_any_origin
         self.header_timeout = header_timeout
         self._authorize = authorize
+        self._on_refused = on_refused
 
     def log(self, request: Any) -> None:
         pass
@@ -305,15 +313,18 @@ class ProxySite(Site):
         # Only the channel knows the request line yet (requestReceived, which
         # sets request.method and .uri, comes after the body).
         channel = request.channel
-        target = getattr(channel, "_path", b"-")
+        method: bytes = getattr(channel, "_command", b"-")
+        path: bytes = getattr(channel, "_path", b"-").split(b"?", 1)[0]
         log_request(
-            method=getattr(channel, "_command", b"-"),
-            path=target.split(b"?", 1)[0],
+            method=method,
+            path=path,
             status=status,
             bytes_out=0,
             duration=0.0,
             upstream=None,
         )
+        if self._on_refused is not None:
+            self._on_refused(method, path, status)
 
     def refused_head(self, channel: ProxyChannel, status: int) -> None:
         """Log a connection refused before its request's headers were complete."""
@@ -325,3 +336,5 @@ class ProxySite(Site):
             duration=0.0,
             upstream=None,
         )
+        if self._on_refused is not None:
+            self._on_refused(b"-", b"", status)

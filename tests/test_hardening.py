@@ -332,6 +332,35 @@ class EarlyKeyCheckTests(RelayTestCase):
         self.assertEqual(_status(raw), 200)
 
 
+class RefusedRequestMetricsTests(_ScrapingTest):
+    """Requests the server answers itself still count in requests_total."""
+
+    env = {"PROXY_KEY": "pk-right-proxy-key-0001", "OPENAI_KEY": "sk-server-key-abcdef"}
+
+    async def test_early_refusals_are_counted_by_status(self) -> None:
+        port = self.proxy.port.getHost().port
+        before = await self.scrape()
+        wrong = await raw_request(
+            port,
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Length: 40000000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        huge = await raw_request(
+            port,
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: "
+            + b"a" * 20000
+            + b"\r\n\r\n",
+        )
+        self.assertEqual((_status(wrong), _status(huge)), (403, 431))
+        after = await self.scrape()
+        forbidden = series(REQUESTS, method="POST", route="files", status="403")
+        too_large = series(REQUESTS, method="OTHER", route="other", status="431")
+        self.assertEqual(
+            {k: after.get(k, 0) - before.get(k, 0) for k in (forbidden, too_large)},
+            {forbidden: 1, too_large: 1},
+        )
+
+
 class DuplicateHeaderTests(RelayTestCase):
     """Item 12: ambiguous Authorization or Host headers are refused."""
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TypedDict
+from dataclasses import dataclass, field, replace
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 from openai_proxy.cpus import available_cpus
@@ -54,6 +54,12 @@ def parse_workers(raw: str | None) -> int:
     return count
 
 
+def shareable(description: str) -> bool:
+    """Whether several worker processes can share this listen description."""
+    # By its prefix: parsing an ssl: description would load its files.
+    return description.split(":", 1)[0].strip().lower() in ("tcp", "tcp6")
+
+
 def check_listen(listen: Sequence[str], workers: int) -> None:
     """
     Refuse listen descriptions that C{workers} processes cannot share: with
@@ -65,9 +71,7 @@ def check_listen(listen: Sequence[str], workers: int) -> None:
     if workers <= 1:
         return
     for description in listen:
-        # By its prefix: parsing an ssl: description would load its files.
-        kind = description.split(":", 1)[0].strip().lower()
-        if kind not in ("tcp", "tcp6"):
+        if not shareable(description):
             raise ConfigError(
                 _WORKERS,
                 "more than one worker can only share plain tcp: listen descriptions, "
@@ -76,6 +80,11 @@ def check_listen(listen: Sequence[str], workers: int) -> None:
 
 
 _WORKERS = "--workers/WORKERS"
+
+
+def _workers_settings(raw: str | None) -> dict[str, Any]:
+    auto = raw is not None and raw.strip().lower() == "auto"
+    return {"workers": parse_workers(raw), "workers_auto": auto}
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,9 @@ class Config:
     cors_origins: tuple[str, ...] = ("*",)
     open_proxy: bool = False
     workers: int = 1
+    #: Whether C{workers} came from C{auto} (which means 1 when a listen
+    #: description cannot be shared, rather than a refusal to start).
+    workers_auto: bool = False
     grace: float = 30.0
     log_format: str = "text"
     log_bodies: bool = False
@@ -183,7 +195,7 @@ class Config:
             open_proxy=parse_bool(
                 "--open/OPEN_PROXY", source("open", "OPEN_PROXY"), False
             ),
-            workers=parse_workers(source("workers", "WORKERS")),
+            **_workers_settings(source("workers", "WORKERS")),
             grace=parse_positive("--grace/GRACE", source("grace", "GRACE"), cls.grace),
             log_format=parse_choice(
                 "--log-format/LOG_FORMAT",
@@ -199,6 +211,14 @@ class Config:
         )._checked()
 
     def _checked(self) -> Config:
+        if (
+            self.workers_auto
+            and self.workers > 1
+            and not all(shareable(d) for d in self.listen)
+        ):
+            # auto asks for what suits the machine: one process is what
+            # suits a listen only one process can hold.
+            return replace(self, workers=1)._checked()
         check_listen(self.listen, self.workers)
         if (
             self.openai_keys

@@ -40,7 +40,7 @@ def summary(config: Config) -> str:
         "routes " + (routes or "none"),
         "keys: " + _keys(config),
         "moderation: " + _moderation(config),
-        f"workers {config.workers}",
+        f"workers {config.workers}" + (" (auto)" if config.workers_auto else ""),
     ]
     if config.metrics_listen is not None:
         parts.append("metrics on " + config.metrics_listen)

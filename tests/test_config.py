@@ -8,7 +8,9 @@ import subprocess
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
+from openai_proxy import config as config_module
 from openai_proxy.config import Config, ConfigError
+from openai_proxy.startup import summary
 from openai_proxy.tap import Options
 from tests.harness import TWISTD
 
@@ -91,6 +93,27 @@ class ConfigTests(TestCase):
         self.assertIn("PROXY_KEY", str(e.exception))
         Config.load({}, {"OPENAI_KEY": "sk-1", "OPEN_PROXY": "1"})
         Config.load({"open": "1"}, {"OPENAI_KEY": "sk-1"})
+
+
+class WorkersAutoTests(TestCase):
+    """WORKERS=auto asks for what suits the machine and the listen."""
+
+    def setUp(self) -> None:
+        self.patch(config_module, "available_cpus", lambda: 4)
+
+    def test_auto_is_one_per_cpu_on_tcp(self) -> None:
+        config = Config.load({}, {"WORKERS": "auto", "PORT": "tcp:9000"})
+        self.assertEqual((config.workers, config.workers_auto), (4, True))
+
+    def test_auto_is_one_process_on_a_listen_that_cannot_be_shared(self) -> None:
+        config = Config.load({}, {"WORKERS": "auto", "PORT": "unix:/tmp/p.sock"})
+        self.assertEqual((config.workers, config.workers_auto), (1, True))
+        self.assertIn("workers 1 (auto)", summary(config))
+
+    def test_a_number_that_cannot_be_shared_is_still_refused(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            Config.load({}, {"WORKERS": "4", "PORT": "unix:/tmp/p.sock"})
+        self.assertEqual(caught.exception.setting, "--workers/WORKERS")
 
 
 class TwistdStartTests(TestCase):

@@ -216,7 +216,12 @@ def makeService(options: Options) -> service.IService:
 
     from openai_proxy import metrics
     from openai_proxy.app import ProxyApp
-    from openai_proxy.workers import WorkersService, is_worker, listen_and_fork
+    from openai_proxy.workers import (
+        WorkersService,
+        is_worker,
+        listen_and_fork,
+        with_default_backlog,
+    )
 
     config: Config = options["config"]
     if config.workers > 1:
@@ -243,7 +248,9 @@ def makeService(options: Options) -> service.IService:
         StartupLine(config).setServiceParent(top)
     if config.metrics_listen is not None and not is_worker():
         metrics.make_metrics_service(
-            config.metrics_listen, app.metrics.resource(config.metrics_key), reactor
+            with_default_backlog(config.metrics_listen),
+            app.metrics.resource(config.metrics_key),
+            reactor,
         ).setServiceParent(top)
     return top
 

@@ -54,6 +54,7 @@ from tests.harness import (
     RelayTestCase,
     client,
 )
+from tests.test_migration import expected_backlog, kernel_backlogs
 
 REPO = Path(openai_proxy.__file__).resolve().parents[1]
 
@@ -544,6 +545,8 @@ class MetricsListenTests(TestCase):
             {"METRICS_LISTEN": f"tcp:{metrics}:interface=127.0.0.1"},
         )
         await self._check_separate_ports(main, metrics)
+        # The metrics port gets the same default backlog as the main one.
+        self.assertEqual(kernel_backlogs(metrics), [expected_backlog()])
 
     async def test_metrics_listen_option_serves_metrics_on_its_own_port(self) -> None:
         main, metrics = free_port(), free_port()

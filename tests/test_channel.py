@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor, tcp
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.resource import Resource
@@ -43,3 +46,35 @@ class ChannelTests(TestCase):
             bodies.append(await readBody(response))
         self.assertEqual(bodies, [b"127.0.0.1:%d" % number] * 3)
         self.assertEqual(len(asked), 1)  # one connection, three requests
+
+
+class TwistedInternalsTests(TestCase):
+    """
+    What the server reads of twisted.web's channel that is not public API:
+    the request line's parts (C{_command}, C{_path}, C{_version}, known
+    before C{requestReceived}) and whether the channel is still on the
+    request line (C{_HTTPChannel__first_line}).  Should a Twisted release
+    rename them, this fails, naming the attribute, before the early key
+    check or the 414 quietly stop working.
+    """
+
+    def test_request_line_parts_are_known_when_the_headers_are(self) -> None:
+        channel = ProxySite(Resource(), 1000).buildProtocol(None)
+        seen: dict[str, object] = {}
+
+        def screen(request: Any) -> None:
+            for name in ("_command", "_path", "_version"):
+                seen[name] = getattr(request.channel, name, "missing")
+            return None
+
+        channel.site.screen = screen  # type: ignore[method-assign]
+        self.assertEqual(getattr(channel, "_HTTPChannel__first_line", "missing"), 1)
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"POST /v1/x?y=1 HTTP/1.1\r\n")
+        self.assertEqual(getattr(channel, "_HTTPChannel__first_line", "missing"), 0)
+        channel.dataReceived(b"Host: h\r\nContent-Length: 2\r\n\r\n")
+        self.assertEqual(
+            seen,
+            {"_command": b"POST", "_path": b"/v1/x?y=1", "_version": b"HTTP/1.1"},
+        )
+        channel.connectionLost(Failure(ConnectionDone()))

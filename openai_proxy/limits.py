@@ -140,35 +140,42 @@ def format_reset(seconds: float) -> str:
 _ONE_REQUEST = (("requests", 1),)
 
 
+_REQUESTS_HEADERS = (
+    b"x-ratelimit-limit-requests",
+    b"x-ratelimit-remaining-requests",
+    b"x-ratelimit-reset-requests",
+)
+_TOKENS_HEADERS = (
+    b"x-ratelimit-limit-tokens",
+    b"x-ratelimit-remaining-tokens",
+    b"x-ratelimit-reset-tokens",
+)
+
+
 def rate_headers(key: NamedKey, decision: Decision) -> list[tuple[bytes, bytes]]:
     """The C{x-ratelimit-*} headers for C{key} after C{decision}."""
-    # Written out rather than looped over: this runs on every response.
     headers: list[tuple[bytes, bytes]] = []
-    rpm, tpm = key.rpm, key.tpm
-    if rpm is not None:
-        remaining = rpm - decision.requests_used
-        headers += (
-            (b"x-ratelimit-limit-requests", b"%d" % rpm),
-            (
-                b"x-ratelimit-remaining-requests",
-                b"%d" % (remaining if remaining > 0 else 0),
-            ),
-            (
-                b"x-ratelimit-reset-requests",
-                format_reset(decision.requests_reset).encode(),
-            ),
+    if key.rpm is not None:
+        headers += _window_headers(
+            _REQUESTS_HEADERS, key.rpm, decision.requests_used, decision.requests_reset
         )
-    if tpm is not None:
-        remaining = tpm - decision.tokens_used
-        headers += (
-            (b"x-ratelimit-limit-tokens", b"%d" % tpm),
-            (
-                b"x-ratelimit-remaining-tokens",
-                b"%d" % (remaining if remaining > 0 else 0),
-            ),
-            (b"x-ratelimit-reset-tokens", format_reset(decision.tokens_reset).encode()),
+    if key.tpm is not None:
+        headers += _window_headers(
+            _TOKENS_HEADERS, key.tpm, decision.tokens_used, decision.tokens_reset
         )
     return headers
+
+
+def _window_headers(
+    names: tuple[bytes, bytes, bytes], limit: int, used: int, reset: float
+) -> tuple[tuple[bytes, bytes], ...]:
+    limit_name, remaining_name, reset_name = names
+    remaining = limit - used
+    return (
+        (limit_name, b"%d" % limit),
+        (remaining_name, b"%d" % (remaining if remaining > 0 else 0)),
+        (reset_name, format_reset(reset).encode()),
+    )
 
 
 def rate_limited(key: NamedKey, decision: Decision) -> ProxyError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import reactor, tcp
@@ -78,3 +79,30 @@ class TwistedInternalsTests(TestCase):
             {"_command": b"POST", "_path": b"/v1/x?y=1", "_version": b"HTTP/1.1"},
         )
         channel.connectionLost(Failure(ConnectionDone()))
+
+
+class _NoDelay(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        sock = request.channel.transport.getHandle()
+        return b"%d" % sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+class NoDelayTests(TestCase):
+    """
+    Streamed events are small writes spaced in time: with Nagle's algorithm
+    on, each would wait until the client acknowledged the one before (up to
+    a round trip, or a delayed-ACK timeout, per event).  twisted.web turns
+    it off from Twisted 24.10, which setup.cfg requires.
+    """
+
+    async def test_client_connections_have_nagle_off(self) -> None:
+        port = reactor.listenTCP(0, ProxySite(_NoDelay(), 1000), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        agent = Agent(reactor, pool=pool)
+        response = await agent.request(
+            b"GET", b"http://127.0.0.1:%d/" % port.getHost().port
+        )
+        self.assertEqual(await readBody(response), b"1")

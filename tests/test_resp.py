@@ -99,6 +99,19 @@ class ClientTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(client.stop()))
         return client
 
+    def logged_why(self, needle: str) -> Deferred[str]:
+        """Fires with the first logged C{why} field, from now on, holding C{needle}."""
+        found: Deferred[str] = Deferred()
+
+        def observe(event: dict[str, Any]) -> None:
+            text = str(event.get("why", ""))
+            if needle in text and not found.called:
+                found.callback(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return found
+
     async def test_commands_and_replies_in_order(self) -> None:
         redis = await RedisServer.start(self)
         client = await self.client(redis.url)
@@ -167,15 +180,7 @@ class ClientTests(TestCase):
         good = await self.client(f"redis://:s3cr%3Aet@127.0.0.1:{redis.port}/2")
         await good.when_up()
         self.assertEqual(await good.call("SET", "k", "v"), b"OK")
-        refused: Deferred[str] = Deferred()
-
-        def observe(event: dict[str, Any]) -> None:
-            text = str(event.get("why", ""))
-            if "refused AUTH" in text and not refused.called:
-                refused.callback(text)
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        refused = self.logged_why("refused AUTH")
         bad = await self.client(f"redis://default:wrong@127.0.0.1:{redis.port}/0")
         self.assertIn("WRONGPASS", await refused)
         self.assertNotIn("wrong", (await refused).replace("WRONGPASS", ""))
@@ -184,15 +189,7 @@ class ClientTests(TestCase):
     async def test_rediss_checks_the_certificate_against_trusted_cas(self) -> None:
         tls = make_tls_files(self.mktemp())
         redis = await RedisServer.start(self, tls=tls)
-        refused: Deferred[str] = Deferred()
-
-        def observe(event: dict[str, Any]) -> None:
-            text = str(event.get("why", ""))
-            if "cannot connect" in text and not refused.called:
-                refused.callback(text)
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        refused = self.logged_why("cannot connect")
         # OpenSSL reads SSL_CERT_FILE for its trusted CAs at each connection.
         self.addCleanup(_restore_env, "SSL_CERT_FILE", os.environ.get("SSL_CERT_FILE"))
         os.environ["SSL_CERT_FILE"] = tls.cert  # a certificate, but not the CA

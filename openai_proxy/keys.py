@@ -11,6 +11,7 @@ The file is TOML, one C{[[keys]]} table per key::
     tpm = 40000                     # tokens per minute
     concurrency = 4                 # requests in flight
     models = ["gpt-4o*"]            # allowed model names (globs)
+    paths = ["/v1/chat/*"]          # allowed request paths (globs)
     expires = 2026-12-31T23:59:59Z  # a TOML date-time
     disabled = false
 """
@@ -38,7 +39,7 @@ from openai_proxy.errors import ProxyError
 _log = Logger()
 _FIELDS = frozenset(
     {"name", "key", "sha256", "rpm", "tpm", "concurrency", "models"}
-    | {"expires", "disabled"}
+    | {"expires", "disabled", "paths"}
 )
 
 
@@ -59,6 +60,7 @@ class NamedKey:
     tpm: int | None = None
     concurrency: int | None = None
     models: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
     expires: datetime.datetime | None = None
     disabled: bool = False
 
@@ -74,6 +76,15 @@ class NamedKey:
         if not self.models:
             return True
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    def allows_path(self, path: str) -> bool:
+        """
+        Whether C{path} matches one of C{paths} (any path when empty); a
+        C{*} matches across C{/} too.
+        """
+        if not self.paths:
+            return True
+        return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.paths)
 
 
 def key_refused(key: NamedKey, now: datetime.datetime) -> ProxyError | None:
@@ -179,6 +190,13 @@ def _parse_entry(where: str, entry: dict[str, Any]) -> NamedKey:
         isinstance(m, str) and m for m in models
     ):
         raise KeysFileError(f"{where}: 'models' must be a list of strings")
+    paths = entry.get("paths", [])
+    if not isinstance(paths, list) or not all(
+        isinstance(p, str) and p.startswith("/") for p in paths
+    ):
+        raise KeysFileError(
+            f"{where}: 'paths' must be a list of paths starting with '/'"
+        )
     expires = entry.get("expires")
     if expires is not None:
         expires = _as_datetime(where, expires)
@@ -192,6 +210,7 @@ def _parse_entry(where: str, entry: dict[str, Any]) -> NamedKey:
         tpm=limits["tpm"],
         concurrency=limits["concurrency"],
         models=tuple(models),
+        paths=tuple(paths),
         expires=expires,
         disabled=disabled,
     )

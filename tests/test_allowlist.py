@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from openai_proxy import bodies
 from openai_proxy.keys import KeysFileError, NamedKey, parse_keys
 from tests.fake_upstream import Script
-from tests.harness import AUTH, JSON, RelayTestCase
+from tests.harness import AUTH, JSON, ModeratedRelayTestCase, RelayTestCase
 from tests.test_formfield import email_models, form
 from tests.test_keys import chat, keys_file
 
@@ -358,6 +358,21 @@ class LoneSurrogateTests(_NamedKeyTest):
         body = '{"model": "m", "input": "héllo 你好", "moderation": false}'
         await self.send(CAROL, body.encode(), "/v1/embeddings")
         self.assertIn("你好".encode(), self.fake.received[-1].body)
+
+
+class LoneSurrogateModeratedTests(ModeratedRelayTestCase):
+    moderation_env = {"MODERATE_INPUT": "1"}
+
+    async def test_moderated_input_with_a_lone_surrogate_is_judged(self) -> None:
+        body = json.dumps(chat(moderation=True)).encode().replace(b'"hi"', LONE)
+        response = await self.http.post(
+            self.url("/v1/chat/completions"), body, headers={**AUTH, **JSON}
+        )
+        await response.content()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            self.fake.received[-1].json()["messages"][0]["content"], "\ud83d"
+        )
 
 
 class OneParseTests(_NamedKeyTest):

@@ -68,10 +68,10 @@ def model_required(where: str) -> ProxyError:
     )
 
 
-def check_path(key: NamedKey, path: bytes) -> None:
+def check_path(key: NamedKey, method: bytes, path: bytes) -> None:
     """
-    Refuse a request to C{path} (the request's path, without query) that
-    C{key}'s C{paths} does not allow.  A path another server could read as
+    Refuse a C{method} request to C{path} (the request's path, without
+    query) that C{key}'s C{paths} does not allow.  A path another server could read as
     a different one (percent-encoded, doubled or back slashes) is refused
     too: the globs match the path as written.
 
@@ -87,7 +87,7 @@ def check_path(key: NamedKey, path: bytes) -> None:
             "invalid_path",
         )
     text = path.decode("ascii", "replace")
-    if not key.allows_path(text):
+    if not key.allows_path(method.decode("ascii", "replace"), text):
         raise path_not_allowed(key, text)
 
 
@@ -278,7 +278,12 @@ class _BatchLines:
                 raise model_not_allowed(self._key, model)
         if self._key.paths:
             url = body.value.get("url")
-            if not isinstance(url, str) or not self._key.allows_path(url):
+            method = body.value.get("method", "POST")
+            if (
+                not isinstance(url, str)
+                or not isinstance(method, str)
+                or not self._key.allows_path(method, url)
+            ):
                 raise path_not_allowed(self._key, str(url), f" ({where})")
 
 

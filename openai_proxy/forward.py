@@ -95,7 +95,7 @@ class Forwarder:
                 grant = self._keys.authorize(request.getHeader(b"authorization"))
             key = grant.upstream_key
             if grant.named is not None:
-                check_path(grant.named, request.path)
+                check_path(grant.named, request.method, request.path)
             # The body is read (and a named key's models checked) before the
             # account is opened: a refused body takes no slot.
             body, fields, injected = await request_body(

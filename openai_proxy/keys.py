@@ -11,7 +11,7 @@ The file is TOML, one C{[[keys]]} table per key::
     tpm = 40000                     # tokens per minute
     concurrency = 4                 # requests in flight
     models = ["gpt-4o*"]            # allowed model names (globs)
-    paths = ["/v1/chat/*"]          # allowed request paths (globs)
+    paths = ["POST /v1/chat/completions", "/v1/embeddings"]  # paths (globs)
     expires = 2026-12-31T23:59:59Z  # a TOML date-time
     disabled = false
 """
@@ -22,6 +22,7 @@ import datetime
 import fnmatch
 import hashlib
 import hmac
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ _FIELDS = frozenset(
     {"name", "key", "sha256", "rpm", "tpm", "concurrency", "models"}
     | {"expires", "disabled", "paths"}
 )
+
+
+# A path glob, with an optional method before it.
+_PATH_PATTERN = re.compile(r"(?:[A-Z]+ )?/\S*")
 
 
 class KeysFileError(ValueError):
@@ -77,14 +82,19 @@ class NamedKey:
             return True
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
-    def allows_path(self, path: str) -> bool:
+    def allows_path(self, method: str, path: str) -> bool:
         """
-        Whether C{path} matches one of C{paths} (any path when empty); a
-        C{*} matches across C{/} too.
+        Whether a C{method} request to C{path} matches one of C{paths} (any
+        when empty): a glob on the path (a C{*} matches across C{/} too),
+        for any method or, written C{"POST /v1/..."}, for that one.
         """
         if not self.paths:
             return True
-        return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.paths)
+        for pattern in self.paths:
+            verb, _, glob = pattern.rpartition(" ")
+            if (not verb or verb == method) and fnmatch.fnmatchcase(path, glob):
+                return True
+        return False
 
 
 def key_refused(key: NamedKey, now: datetime.datetime) -> ProxyError | None:
@@ -192,10 +202,11 @@ def _parse_entry(where: str, entry: dict[str, Any]) -> NamedKey:
         raise KeysFileError(f"{where}: 'models' must be a list of strings")
     paths = entry.get("paths", [])
     if not isinstance(paths, list) or not all(
-        isinstance(p, str) and p.startswith("/") for p in paths
+        isinstance(p, str) and _PATH_PATTERN.fullmatch(p) for p in paths
     ):
         raise KeysFileError(
-            f"{where}: 'paths' must be a list of paths starting with '/'"
+            f"{where}: 'paths' must be a list of paths starting with '/', "
+            'each with an optional method first ("POST /v1/chat/completions")'
         )
     expires = entry.get("expires")
     if expires is not None:

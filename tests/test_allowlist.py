@@ -51,7 +51,7 @@ paths = ["/v1/chat/completions", "/v1/files", "/v1/batches"]
 [[keys]]
 name = "olly"
 key = "{OLLY}"
-paths = ["/v1/chat/completions"]
+paths = ["POST /v1/chat/completions"]
 """
 
 BND = b"BND"
@@ -282,6 +282,7 @@ class PathTests(_NamedKeyTest):
     async def test_only_the_listed_paths_are_reached(self) -> None:
         for method, path in [
             ("GET", "/v1/files"),
+            ("GET", "/v1/chat/completions"),  # stored completions
             ("GET", "/v1/chat/completions/chatcmpl-1"),
             ("DELETE", "/v1/files/file-1"),
         ]:
@@ -412,15 +413,16 @@ class OneParseTests(_NamedKeyTest):
 class PathsFieldTests(SynchronousTestCase):
     def test_paths_are_globs_on_the_path(self) -> None:
         olly = parse_keys(KEYS_TOML)[4]
-        self.assertEqual(olly.paths, ("/v1/chat/completions",))
-        self.assertTrue(olly.allows_path("/v1/chat/completions"))
-        self.assertFalse(olly.allows_path("/v1/chat/completions/x"))
+        self.assertEqual(olly.paths, ("POST /v1/chat/completions",))
+        self.assertTrue(olly.allows_path("POST", "/v1/chat/completions"))
+        self.assertFalse(olly.allows_path("GET", "/v1/chat/completions"))
+        self.assertFalse(olly.allows_path("POST", "/v1/chat/completions/x"))
         pat = NamedKey("pat", b"", paths=("/v1/files*",))
-        self.assertTrue(pat.allows_path("/v1/files/file-1/content"))
-        self.assertTrue(NamedKey("any", b"").allows_path("/anything"))
+        self.assertTrue(pat.allows_path("GET", "/v1/files/file-1/content"))
+        self.assertTrue(NamedKey("any", b"").allows_path("GET", "/anything"))
 
     def test_paths_must_be_a_list_of_paths(self) -> None:
-        for value in ['"/v1/files"', '["v1/files"]', "[1]"]:
+        for value in ['"/v1/files"', '["v1/files"]', "[1]", '["post /v1/files"]']:
             with self.assertRaises(KeysFileError) as caught:
                 parse_keys(f'[[keys]]\nname = "x"\nkey = "k"\npaths = {value}\n')
             self.assertIn("'paths'", str(caught.exception))

@@ -2,7 +2,7 @@
 What a named key may reach: the paths its C{paths} lists, and the models its
 C{models} lists, wherever a request names one (any C{model} of a JSON body,
 a realtime client secret's C{session.model}, a form's C{model} field, each
-line of an uploaded batch input file).
+line of an uploaded batch input file, a C{?model=} query).
 
 The check decides on what the upstream will parse, so a body it cannot read
 surely (not UTF-8, a BOM, compressed, not a JSON object, a form parsers
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import IO, Any
+from urllib.parse import parse_qsl
 
 from openai_proxy.errors import ProxyError
 from openai_proxy.formfield import FormError, boundary_of, form_fields, read_form
@@ -89,6 +90,21 @@ def check_path(key: NamedKey, method: bytes, path: bytes) -> None:
     text = path.decode("ascii", "replace")
     if not key.allows_path(method.decode("ascii", "replace"), text):
         raise path_not_allowed(key, text)
+
+
+def check_query(key: NamedKey, uri: bytes) -> None:
+    """
+    Refuse a request whose query names a model (C{?model=}, as a realtime
+    WebSocket does) that C{key} may not use.
+
+    @raise ProxyError: 403 C{model_not_allowed}.
+    """
+    if not key.models or b"?" not in uri:
+        return
+    query = uri.split(b"?", 1)[1].decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name.strip() == "model" and not key.allows_model(value):
+            raise model_not_allowed(key, value)
 
 
 class JSONUnreadable(Exception):

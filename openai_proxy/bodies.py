@@ -25,6 +25,7 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import IBodyProducer
 
 from openai_proxy.allowlist import (
+    JSONBody,
     JSONUnreadable,
     check_encoding,
     check_form,
@@ -109,6 +110,9 @@ async def request_body(
         exchange.logged_body = content.read(_LOGGED_BODY).decode("utf-8", "replace")
         content.seek(0)
     if size == 0:
+        if key is not None and key.models and request.method == b"POST":
+            # No body leaves the model to the upstream's default.
+            check_json(key, request.path, JSONBody({}))
         has_body = request.getHeader(b"content-length") is not None or (
             request.getHeader(b"transfer-encoding") is not None
         )

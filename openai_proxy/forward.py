@@ -17,7 +17,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 
 from openai_proxy import errors, hop
 from openai_proxy.accounting import Account, Accounting
-from openai_proxy.allowlist import check_path
+from openai_proxy.allowlist import check_path, check_query
 from openai_proxy.auth import Grant, KeyPolicy
 from openai_proxy.bodies import ClientGone, request_body
 from openai_proxy.config import Config
@@ -96,6 +96,7 @@ class Forwarder:
             key = grant.upstream_key
             if grant.named is not None:
                 check_path(grant.named, request.method, request.path)
+                check_query(grant.named, request.uri)
             # The body is read (and a named key's models checked) before the
             # account is opened: a refused body takes no slot.
             body, fields, injected = await request_body(

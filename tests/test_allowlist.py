@@ -213,9 +213,19 @@ class OtherModelTests(_NamedKeyTest):
             400,
             "model_required",
         )
+        self.assert_refused(await self.send(ALICE, b"", path), 400, "model_required")
         allowed = {"session": {"type": "realtime", "model": "gpt-4o-realtime"}}
         await self.send(ALICE, json.dumps(allowed).encode(), path)
         self.assertEqual(self.fake.received[-1].json(), allowed)
+
+    async def test_a_model_in_the_query_is_checked(self) -> None:
+        response = await self.http.get(
+            self.url("/v1/realtime?mod%65l=gpt-realtime"),
+            headers={"Authorization": f"Bearer {ALICE}"},
+        )
+        error = json.loads(await response.content())["error"]
+        self.assertEqual((response.code, error["code"]), (403, "model_not_allowed"))
+        self.assertEqual(self.fake.received, [])
 
     def batch_upload(self, *lines: dict[str, Any]) -> bytes:
         jsonl = b"".join(json.dumps(line).encode() + b"\n" for line in lines)

@@ -134,10 +134,12 @@ async def request_body(
         # Any other type is read as JSON: the upstream may read it so.
     elif not is_json:
         return RequestBody(_as_is(content, size), None, False)
+    # A body checked only because a restricted key sent it under another
+    # type is checked, and otherwise left as it came.
     read = _Read(
         checked=checked,
         path=path,
-        wants_fields=moderation.reads(path),
+        wants_fields=is_json and moderation.reads(path),
         may_inject=(
             inject_usage
             and key is not None
@@ -145,7 +147,7 @@ async def request_body(
             and is_json
             and path.endswith(STREAMED_PATHS)
         ),
-        strip=size <= max_parsed,
+        strip=is_json and size <= max_parsed,
     )
     if checked is not None and size > max_parsed and read.wants_fields:
         if moderation.moderates(path):
@@ -167,8 +169,6 @@ async def request_body(
     rewritten, fields, injected = await _maybe_in_thread(
         exchange, size, read.parse, content
     )
-    if fields is not None and size > max_parsed and moderation.moderates(path):
-        raise moderated_body_too_large(max_parsed)
     if rewritten is not None:
         return RequestBody(BytesProducer(rewritten), fields, injected)
     content.seek(0)

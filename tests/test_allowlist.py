@@ -17,6 +17,7 @@ from openai_proxy import bodies
 from openai_proxy.keys import KeysFileError, NamedKey, parse_keys
 from tests.fake_upstream import Script
 from tests.harness import AUTH, JSON, ModeratedRelayTestCase, RelayTestCase
+from tests.rawhttp import raw_request
 from tests.test_formfield import email_models, form
 from tests.test_keys import chat, keys_file
 
@@ -304,6 +305,17 @@ class PathTests(_NamedKeyTest):
         self.assertEqual(self.fake.received, [])
         code, _ = await self.send(OLLY, json.dumps(chat()).encode())
         self.assertEqual(code, 200)
+
+    async def test_a_path_is_refused_before_the_body_is_read(self) -> None:
+        raw = await raw_request(
+            self.proxy.port.getHost().port,
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + OLLY.encode()
+            + b"\r\nContent-Length: 40000000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        self.assertNotIn(b"100 Continue", raw)
+        self.assertIn(b"path_not_allowed", raw)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 403 "))
 
     async def test_a_path_written_another_way_is_refused(self) -> None:
         for path in ["/v1//chat/completions", "/v1/chat/%63ompletions"]:

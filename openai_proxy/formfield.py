@@ -184,6 +184,17 @@ class _FormReader:
                 # delimiter's would see a delimiter here.
                 raise FormError("a part's content starts with the boundary")
             if not self._next_delimiter(self._on_part(part)):
+                self._epilogue()
+                return
+
+    def _epilogue(self) -> None:
+        # What follows the closing delimiter is ignored, unless a parser
+        # reading on could find another part there.
+        while True:
+            if self._marker in self._buffer:
+                raise FormError("the form goes on after its closing delimiter")
+            self._buffer = self._buffer[-len(self._marker) :]
+            if not self._more():
                 return
 
     def _next_delimiter(self, sink: Callable[[bytes], None] | None) -> bool:

@@ -160,6 +160,7 @@ class FormFieldTests(SynchronousTestCase):
             lf_only,
             inner_lf,
             form((b'name="model"', b"m"))[:-4],  # no closing delimiter
+            form((b'name="model"', b"m")) + form((b'name="model"', b"m2")),
             b"not a multipart body at all",
             form((b'name="model"; name="file"', b"m")),
             form((b'name="mod\\el"', b"m")),

@@ -28,6 +28,17 @@ CLIENT_SECRETS = b"/v1/realtime/client_secrets"
 #: sharing the server key may have uploaded.
 BATCHES = b"/v1/batches"
 UPLOADS = b"/v1/uploads"
+#: Where the upstream picks a default model when a request names none: a key
+#: with C{models} must name one, the default not being the proxy's to know.
+DEFAULTED_JSON = frozenset(
+    {
+        b"/v1/images/generations",
+        b"/v1/moderations",
+        b"/v1/realtime/sessions",
+        b"/v1/responses",
+    }
+)
+DEFAULTED_FORM = frozenset({b"/v1/images/edits", b"/v1/images/variations"})
 
 
 def unreadable_body(why: str) -> ProxyError:
@@ -180,9 +191,14 @@ def check_json(key: NamedKey, path: bytes, body: JSONBody) -> None:
 
     @raise ProxyError: 400 or 403.
     """
+    named = False
     for name, value in body.top:
-        if name == "model" and not isinstance(value, str):
-            raise unreadable_body("its 'model' is not a string")
+        if name == "model":
+            if not isinstance(value, str):
+                raise unreadable_body("its 'model' is not a string")
+            named = True
+    if path in DEFAULTED_JSON and not named:
+        raise model_required("model")
     for model in body.models:
         if isinstance(model, str) and not key.allows_model(model):
             raise model_not_allowed(key, model)
@@ -224,6 +240,8 @@ def check_form(key: NamedKey, path: bytes, content: IO[bytes], ctype: bytes) -> 
             raise FormError("it is not a form")
         content.seek(0)
         fields = form_fields(content, boundary, ("model", "purpose"))
+        if path in DEFAULTED_FORM and not fields.get("model"):
+            raise model_required("model")
         for value in fields.get("model", []):
             model = _text(value, "model")
             if not key.allows_model(model):

@@ -219,6 +219,20 @@ class OtherModelTests(_NamedKeyTest):
         await self.send(ALICE, json.dumps(allowed).encode(), path)
         self.assertEqual(self.fake.received[-1].json(), allowed)
 
+    async def test_paths_with_a_default_model_must_name_one(self) -> None:
+        prompt = json.dumps({"prompt": "a cat"}).encode()
+        self.assert_refused(
+            await self.send(ALICE, prompt, "/v1/images/generations"),
+            400,
+            "model_required",
+        )
+        image = form((b'name="image"; filename="a.png"', b"\x89PNG"), boundary=BND)
+        self.assert_refused(
+            await self.send(ALICE, image, "/v1/images/variations", _ctype()),
+            400,
+            "model_required",
+        )
+
     async def test_a_model_in_the_query_is_checked(self) -> None:
         response = await self.http.get(
             self.url("/v1/realtime?mod%65l=gpt-realtime"),

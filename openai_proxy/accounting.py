@@ -1,7 +1,7 @@
 """
-What a request on a named key goes through: its model checked, its limits
-checked and counted before it goes upstream, its tokens counted from the
-reply and charged when it ends.
+What a request on a named key goes through (once its body was checked, see
+L{openai_proxy.allowlist}): its limits checked and counted before it goes
+upstream, its tokens counted from the reply and charged when it ends.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from openai_proxy.limits import (
     rate_limited,
 )
 from openai_proxy.metrics import Metrics
-from openai_proxy.usage import Meter, inspect_request
+from openai_proxy.usage import Meter
 
 _log = Logger()
 
@@ -64,18 +64,21 @@ class Accounting:
         self._decide = limiter.decide if isinstance(limiter, LocalLimiter) else None
         self._metrics = metrics
         self._deny_on_error = on_error == "deny"
-        self._inject = inject_usage
+        #: Whether a stream's usage is asked for when the client did not.
+        self.inject_usage = inject_usage
         self._tickets = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self):x}-"
 
-    async def open(self, request: Request, key: NamedKey) -> Account:
+    async def open(
+        self, request: Request, key: NamedKey, injected: bool = False
+    ) -> Account:
         """
-        Admit a request on C{key}, or refuse it.
+        Admit a request on C{key} (whose body was checked already), or
+        refuse it.  C{injected}: the proxy asked for the stream's usage.
 
-        @raise ProxyError: 403 for a model C{key} may not use, 429 over a
-            limit, 503 when the limiter is down and C{on_error} is deny.
+        @raise ProxyError: 429 over a limit, 503 when the limiter is down and
+            C{on_error} is deny.
         """
-        injected = inspect_request(request, key, self._inject)
         ticket = self._prefix + str(next(self._tickets))
         try:
             if self._decide is not None:

@@ -17,6 +17,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 
 from openai_proxy import errors, hop
 from openai_proxy.accounting import Account, Accounting
+from openai_proxy.allowlist import check_path, check_query
 from openai_proxy.auth import Grant, KeyPolicy
 from openai_proxy.bodies import ClientGone, request_body
 from openai_proxy.config import Config
@@ -93,14 +94,22 @@ class Forwarder:
             if grant is None:
                 grant = self._keys.authorize(request.getHeader(b"authorization"))
             key = grant.upstream_key
-            if grant.named is not None and self._accounting is not None:
-                account = await self._accounting.open(request, grant.named)
-            body, fields = await request_body(
+            if grant.named is not None:
+                check_path(grant.named, request.method, request.path)
+                check_query(grant.named, request.uri)
+            # The body is read (and a named key's models checked) before the
+            # account is opened: a refused body takes no slot.
+            body, fields, injected = await request_body(
                 exchange,
                 self._moderation,
                 log_bodies=self._log_bodies,
                 max_parsed=self._max_parsed,
+                key=grant.named,
+                inject_usage=self._accounting is not None
+                and self._accounting.inject_usage,
             )
+            if grant.named is not None and self._accounting is not None:
+                account = await self._accounting.open(request, grant.named, injected)
             plan = None
             if request.method == b"POST":
                 plan = self._moderation.plan(request.path, fields)

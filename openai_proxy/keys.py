@@ -11,6 +11,7 @@ The file is TOML, one C{[[keys]]} table per key::
     tpm = 40000                     # tokens per minute
     concurrency = 4                 # requests in flight
     models = ["gpt-4o*"]            # allowed model names (globs)
+    paths = ["POST /v1/chat/completions", "/v1/embeddings"]  # paths (globs)
     expires = 2026-12-31T23:59:59Z  # a TOML date-time
     disabled = false
 """
@@ -21,6 +22,7 @@ import datetime
 import fnmatch
 import hashlib
 import hmac
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,8 +40,12 @@ from openai_proxy.errors import ProxyError
 _log = Logger()
 _FIELDS = frozenset(
     {"name", "key", "sha256", "rpm", "tpm", "concurrency", "models"}
-    | {"expires", "disabled"}
+    | {"expires", "disabled", "paths"}
 )
+
+
+# A path glob, with an optional method before it.
+_PATH_PATTERN = re.compile(r"(?:[A-Z]+ )?/\S*")
 
 
 class KeysFileError(ValueError):
@@ -59,6 +65,7 @@ class NamedKey:
     tpm: int | None = None
     concurrency: int | None = None
     models: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
     expires: datetime.datetime | None = None
     disabled: bool = False
 
@@ -74,6 +81,20 @@ class NamedKey:
         if not self.models:
             return True
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    def allows_path(self, method: str, path: str) -> bool:
+        """
+        Whether a C{method} request to C{path} matches one of C{paths} (any
+        when empty): a glob on the path (a C{*} matches across C{/} too),
+        for any method or, written C{"POST /v1/..."}, for that one.
+        """
+        if not self.paths:
+            return True
+        for pattern in self.paths:
+            verb, _, glob = pattern.rpartition(" ")
+            if (not verb or verb == method) and fnmatch.fnmatchcase(path, glob):
+                return True
+        return False
 
 
 def key_refused(key: NamedKey, now: datetime.datetime) -> ProxyError | None:
@@ -179,6 +200,14 @@ def _parse_entry(where: str, entry: dict[str, Any]) -> NamedKey:
         isinstance(m, str) and m for m in models
     ):
         raise KeysFileError(f"{where}: 'models' must be a list of strings")
+    paths = entry.get("paths", [])
+    if not isinstance(paths, list) or not all(
+        isinstance(p, str) and _PATH_PATTERN.fullmatch(p) for p in paths
+    ):
+        raise KeysFileError(
+            f"{where}: 'paths' must be a list of paths starting with '/', "
+            'each with an optional method first ("POST /v1/chat/completions")'
+        )
     expires = entry.get("expires")
     if expires is not None:
         expires = _as_datetime(where, expires)
@@ -192,6 +221,7 @@ def _parse_entry(where: str, entry: dict[str, Any]) -> NamedKey:
         tpm=limits["tpm"],
         concurrency=limits["concurrency"],
         models=tuple(models),
+        paths=tuple(paths),
         expires=expires,
         disabled=disabled,
     )

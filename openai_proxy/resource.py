@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from openai_proxy import errors
 from openai_proxy.access import log_request
 from openai_proxy.accounting import Accounting, UsagePage
+from openai_proxy.allowlist import check_path
 from openai_proxy.auth import Grant, KeyPolicy
 from openai_proxy.config import Config
 from openai_proxy.cors import CORS
@@ -92,7 +93,8 @@ class ProxyResource(Resource):
         for the paths this resource answers itself, else what
         C{authorization} grants.
 
-        @raise ProxyError: 401 or 403 when the key is missing or wrong.
+        @raise ProxyError: 401 or 403 when the key is missing or wrong, 400
+            or 403 for a path a named key may not reach.
         """
         # Keep in step with render: these are the requests it answers
         # without forwarding (each checks its own key, if any).
@@ -104,7 +106,10 @@ class ProxyResource(Resource):
             or (path == b"/usage" and self._usage_page is not None)
         ):
             return None
-        return self._forwarder.authorize(authorization)
+        grant = self._forwarder.authorize(authorization)
+        if grant.named is not None:
+            check_path(grant.named, method, path)
+        return grant
 
     def render(self, request: Request) -> bytes | int:
         self._drain.track(request)

@@ -494,13 +494,13 @@ class LargeJSONBodyTests(RelayTestCase):
 
     def record_parses(self) -> list[threading.Thread]:
         threads: list[threading.Thread] = []
-        original = bodies._parsed_raw
+        original = bodies.parse_json
 
-        def parsed_raw(raw: bytes) -> Any:
+        def parse_json(raw: bytes, *, strict: bool) -> Any:
             threads.append(threading.current_thread())
-            return original(raw)
+            return original(raw, strict=strict)
 
-        self.patch(bodies, "_parsed_raw", parsed_raw)
+        self.patch(bodies, "parse_json", parse_json)
         return threads
 
     async def test_large_body_with_local_fields_is_parsed_in_a_thread(self) -> None:

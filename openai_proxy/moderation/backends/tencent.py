@@ -82,7 +82,10 @@ class TencentBackend:
         from tencentcloud.tms.v20201229 import models
 
         request = models.TextModerationRequest()
-        request.Content = base64.b64encode(text.encode("utf-8")).decode("ascii")
+        # A lone surrogate (a cut emoji, escaped in the JSON) has no UTF-8
+        # form: it is judged as the replacement character.
+        content = text.encode("utf-8", "replace")
+        request.Content = base64.b64encode(content).decode("ascii")
         if self._settings.biztype:
             request.BizType = self._settings.biztype
         response = self._client().TextModeration(request)

@@ -20,7 +20,14 @@ from twisted.logger import Logger
 from openai_proxy.failover import KeyPool
 from openai_proxy.keys import NamedKey
 from openai_proxy.limits import Decision, LimitsUnavailable, Report, Usage, periods
-from openai_proxy.resp import RedisClient, RedisError, Reply, Script, bulk
+from openai_proxy.resp import (
+    LostReply,
+    RedisClient,
+    RedisError,
+    Reply,
+    Script,
+    bulk,
+)
 
 _log = Logger()
 _PREFIX = "openai-proxy:"
@@ -328,7 +335,11 @@ def _decision(reply: Reply) -> Decision:
 
 
 def _settled(reply: Reply) -> None:
-    if isinstance(reply, RedisError):
+    if isinstance(reply, LostReply):
+        # Sent, but whether Redis carried it out is unknown: not reported
+        # as lost (the outage itself is, once).
+        _log.info("settle unconfirmed: {why}", why=str(reply))
+    elif isinstance(reply, RedisError):
         _not_recorded(str(reply))
 
 

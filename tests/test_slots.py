@@ -21,6 +21,7 @@ from tests.fake_upstream import FakeOpenAI, Script, chat_stream
 from tests.harness import JSON, Proxy, client
 from tests.rawhttp import Collector, connect
 from tests.redis_server import SKIP, RedisServer
+from tests.test_hardening import capture_logs
 from tests.test_keys import CAROL, KEYS_TOML, chat, keys_file
 
 _IN_FLIGHT = "openai-proxy:inflight:carol"
@@ -155,3 +156,21 @@ class UnexpectedErrorTests(TestCase):
             codes.append(response.code)
         self.assertEqual(codes, [500, 200])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class GraceCutTests(_SlotTestCase):
+    """Item 18: streams cut at GRACE settle, and nothing says otherwise."""
+
+    async def test_streams_cut_at_grace_are_settled_without_a_warning(
+        self,
+    ) -> None:
+        proxy = await self.start(GRACE="0.2")
+        side = await self.side_client()
+        streams = [await self.open_stream()]
+        self.assertEqual(await side.call("ZCARD", _IN_FLIGHT), 1)
+        lines = capture_logs(self)
+        await proxy.app.stopService()
+        for stream in streams:
+            await stream.done
+        self.assertEqual(await side.call("ZCARD", _IN_FLIGHT), 0)
+        self.assertEqual([line for line in lines if "not recorded" in line], [])

@@ -7,15 +7,20 @@ renews, and a settle is reported lost only when it was.
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from openai_proxy import forward
+from openai_proxy import forward, redisstore
+from openai_proxy.failover import KeyPool
 from openai_proxy.keys import NamedKey
 from openai_proxy.limits import Decision
+from openai_proxy.redisstore import RedisStore
 from openai_proxy.resp import RedisClient
 from tests.fake_upstream import FakeOpenAI, Script, chat_stream
 from tests.harness import JSON, Proxy, client
@@ -37,13 +42,20 @@ def _post(key: str, payload: dict[str, Any]) -> bytes:
     )
 
 
+async def store_settled(proxy: Proxy) -> None:
+    """Wait until every request admitted so far has settled."""
+    await proxy.app.accounting.settled()
+
+
 class _SlotTestCase(TestCase):
     skip = SKIP
     timeout = 30
 
-    async def start(self, **extra: str) -> Proxy:
+    async def start(self, *options: str, **extra: str) -> Proxy:
         # DEBUG SLEEP stands for a slow Redis.
-        self.redis = await RedisServer.start(self, "--enable-debug-command", "local")
+        self.redis = await RedisServer.start(
+            self, "--enable-debug-command", "local", *options
+        )
         self.fake = FakeOpenAI()
         self.proxy = Proxy(
             self,
@@ -85,6 +97,7 @@ class _SlotTestCase(TestCase):
         assert proto.transport is not None
         proto.transport.write(_post(CAROL, chat(stream=True)))
         await proto.first
+        self.fake.script = None  # the next requests are answered at once
         return proto
 
 
@@ -174,3 +187,95 @@ class GraceCutTests(_SlotTestCase):
             await stream.done
         self.assertEqual(await side.call("ZCARD", _IN_FLIGHT), 0)
         self.assertEqual([line for line in lines if "not recorded" in line], [])
+
+
+#: Short leases for the tests: what takes a minute in production takes
+#: well under a second here.
+_LEASE, _RENEW_EVERY = 0.6, 0.15
+
+
+class LeaseTests(_SlotTestCase):
+    """Item 8: a slot is a lease the live process renews."""
+
+    def setUp(self) -> None:
+        self.patch(redisstore, "LEASE", _LEASE)
+        self.patch(redisstore, "RENEW_EVERY", _RENEW_EVERY)
+
+    async def test_a_settle_lost_while_redis_restarts_frees_the_slot_in_a_lease(
+        self,
+    ) -> None:
+        data = self.mktemp()
+        os.makedirs(data)
+        proxy = await self.start("--appendonly", "yes", "--dir", data)
+        store = proxy.app.store
+        stream = await self.open_stream()
+        await self.redis.stop()
+        assert stream.transport is not None
+        stream.transport.abortConnection()  # it ends while Redis is down
+        await stream.done
+        await store_settled(proxy)
+        self.assertEqual(store.in_flight, 0)
+        await self.redis.restart()
+        await store.ready()
+        side = await self.side_client()
+        # Redis kept the slot (its data survived the restart)...
+        self.assertEqual(await side.call("ZCARD", _IN_FLIGHT), 1)
+        # ...and freed it when its lease ran out: not ten minutes later.
+        await deferLater(reactor, _LEASE, lambda: None)
+        self.assertEqual(await self.carol_code(), 200)
+
+    async def test_a_request_longer_than_its_lease_keeps_its_slot(self) -> None:
+        proxy = await self.start()
+        stream = await self.open_stream()
+        await deferLater(reactor, 3 * _LEASE, lambda: None)
+        self.assertEqual(await self.carol_code(), 429)
+        self.assertEqual(proxy.app.store.in_flight, 1)
+        assert stream.transport is not None
+        stream.transport.abortConnection()
+        await stream.done
+        await proxy.app.store.ping()  # the settle went before this
+        self.assertEqual(await self.carol_code(), 200)
+
+    async def test_a_stream_counts_again_once_a_wiped_redis_is_back(self) -> None:
+        proxy = await self.start()  # no persistence: a restart loses the slots
+        store = proxy.app.store
+        stream = await self.open_stream()
+        await self.redis.restart()
+        await store.ready()
+        await deferLater(reactor, 2 * _RENEW_EVERY, lambda: None)
+        await store.ping()
+        self.assertEqual(await self.carol_code(), 429)
+        assert stream.transport is not None
+        stream.transport.abortConnection()
+        await stream.done
+
+    async def test_one_script_renews_every_lease_of_the_process(self) -> None:
+        self.redis = await RedisServer.start(self)
+        store = RedisStore(self.redis.url, reactor, KeyPool([]), renew_every=60)
+        store.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(store.stop()))
+        await store.ready()
+        keys = [NamedKey(name, b"x" * 32, concurrency=100) for name in "ab"]
+        for n in range(50):
+            await store.admit(keys[n % 2], f"t{n}")
+        side = await self.side_client()
+        before = await self.scripts_run(side)
+        scores = await side.call(
+            "ZRANGE", "openai-proxy:inflight:a", 0, 0, "WITHSCORES"
+        )
+        store._renew()
+        await store.ping()
+        self.assertEqual(await self.scripts_run(side), before + 1)
+        renewed = await side.call(
+            "ZRANGE", "openai-proxy:inflight:a", 0, 0, "WITHSCORES"
+        )
+        assert isinstance(scores, list) and isinstance(renewed, list)
+        self.assertGreater(float(renewed[1]), float(scores[1]))
+        self.assertEqual(await side.call("ZCARD", "openai-proxy:inflight:b"), 25)
+
+    async def scripts_run(self, side: RedisClient) -> int:
+        """How many EVALSHA calls Redis has run so far."""
+        info = await side.call("INFO", "commandstats")
+        assert isinstance(info, bytes)
+        found = re.search(rb"cmdstat_evalsha:calls=(\d+)", info)
+        return int(found.group(1)) if found else 0

@@ -128,7 +128,8 @@ class SettledOnceTests(_SlotTestCase):
         proto.transport.abortConnection()
         await proto.done
         await asleep
-        await store.ping()  # the admission's answer, and what followed it
+        await store_settled(proxy)
+        await store.ping()  # sent after the settle: answered once it is done
         self.assertEqual(await side.call("ZCARD", _IN_FLIGHT), 0)
         self.assertEqual(await self.carol_code(), 200)
 
@@ -233,7 +234,8 @@ class LeaseTests(_SlotTestCase):
         assert stream.transport is not None
         stream.transport.abortConnection()
         await stream.done
-        await proxy.app.store.ping()  # the settle went before this
+        await store_settled(proxy)
+        await proxy.app.store.ping()  # sent after the settle: answered once it is done
         self.assertEqual(await self.carol_code(), 200)
 
     async def test_a_stream_counts_again_once_a_wiped_redis_is_back(self) -> None:

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
 
@@ -68,6 +69,26 @@ class Accounting:
         self.inject_usage = inject_usage
         self._tickets = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self):x}-"
+        self._unsettled = 0
+        self._settled_waiters: list[Deferred[None]] = []
+
+    @property
+    def unsettled(self) -> int:
+        """How many opened accounts are not closed yet."""
+        return self._unsettled
+
+    def settled(self) -> Deferred[None]:
+        """
+        Fires once every account opened so far is closed (at once when
+        none is open): at shutdown, the limiter is stopped only after the
+        requests cut off have settled.
+        """
+        d: Deferred[None] = Deferred()
+        if self._unsettled:
+            self._settled_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
 
     async def open(
         self, request: Request, key: NamedKey, injected: bool = False
@@ -90,10 +111,16 @@ class Accounting:
             _log.warn("limits not checked: {why}", why=e)
             if self._deny_on_error:
                 raise LIMITS_UNAVAILABLE from None
-            return Account(self, key, ticket, None, injected)
+            return self._opened(key, ticket, None, injected)
         if decision.denied is not None:
             self._metrics.rate_limited(key.name, decision.denied)
             raise rate_limited(key, decision)
+        return self._opened(key, ticket, decision, injected)
+
+    def _opened(
+        self, key: NamedKey, ticket: str, decision: Decision | None, injected: bool
+    ) -> Account:
+        self._unsettled += 1
         return Account(self, key, ticket, decision, injected)
 
     def _settle(self, account: Account) -> None:
@@ -101,6 +128,12 @@ class Accounting:
         if usage is not None:
             self._metrics.tokens(account.key.name, usage.prompt, usage.completion)
         self.limiter.settle(account.key, account.ticket, usage)
+        self._unsettled -= 1
+        if not self._unsettled and self._settled_waiters:
+            waiting, self._settled_waiters = self._settled_waiters, []
+            for d in waiting:
+                if not d.called:  # not timed out meanwhile
+                    d.callback(None)
 
 
 class Account:

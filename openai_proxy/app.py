@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -30,6 +31,7 @@ from openai_proxy.server import ProxySite
 from openai_proxy.upstream import make_client, make_pool
 
 _PROBE_INTERVAL = 5.0  # seconds between attempts to reach the moderation backend
+_SETTLE_WAIT = 2.0  # seconds a stop waits for the requests cut off to settle
 #: Proxy keys shorter than this are warned about at start-up.
 SHORT_KEY = 16
 
@@ -188,6 +190,16 @@ class ProxyApp(Service):
         # In-flight streams may still need moderation: drain first.
         await self.drain.stopService()
         if self.store is not None:
+            # Requests cut at GRACE settle a few reactor turns after their
+            # connections were aborted: Redis must still be there for them.
+            try:
+                await self.accounting.settled().addTimeout(_SETTLE_WAIT, self._reactor)
+            except error.TimeoutError:
+                _log.warn(
+                    "{count} request(s) not settled at shutdown; their slots "
+                    "expire with their leases",
+                    count=self.accounting.unsettled,
+                )
             await self.store.stop()
         await self.moderation.stopService()
         await self.pool.closeCachedConnections()

@@ -15,6 +15,7 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.server import Request
 
 from openai_proxy import errors
+from openai_proxy.accounting import Account
 from openai_proxy.errors import ProxyError, write_error
 from openai_proxy.metrics import RequestHandle
 from openai_proxy.moderation import StreamModerator
@@ -46,6 +47,8 @@ class Exchange:
         self.relay: BodyRelay | None = None
         self.moderator: StreamModerator | None = None
         self.upstream_host: str | None = None
+        #: The named key's admission, settled once the forwarder is done.
+        self.account: Account | None = None
         #: Set when the proxy cut the client off because the upstream broke
         #: off mid-body: the connection's loss is then not the client's doing.
         self.upstream_fault = False

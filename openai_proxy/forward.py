@@ -84,8 +84,18 @@ class Forwarder:
     async def forward(self, exchange: Exchange) -> None:
         """
         Check the request's key, send it upstream and relay the answer;
-        every outcome ends C{exchange}'s response (or finds its client gone).
+        every outcome ends C{exchange}'s response (or finds its client gone),
+        and settles its admission exactly once.
         """
+        try:
+            await self._forward(exchange)
+        finally:
+            # Whatever happened after the admission (an unexpected error
+            # too), its slot is freed and its tokens are charged.
+            if exchange.account is not None:
+                exchange.account.close()
+
+    async def _forward(self, exchange: Exchange) -> None:
         request = exchange.request
         account: Account | None = None
         try:
@@ -109,7 +119,11 @@ class Forwarder:
                 and self._accounting.inject_usage,
             )
             if grant.named is not None and self._accounting is not None:
-                account = await self._accounting.open(request, grant.named, injected)
+                account = exchange.account = await self._accounting.open(
+                    request, grant.named, injected
+                )
+                if exchange.gone:
+                    return  # left while Redis decided
             plan = None
             if request.method == b"POST":
                 plan = self._moderation.plan(request.path, fields)
@@ -128,20 +142,12 @@ class Forwarder:
                         exchange, grant.index, response, body, uncompressed
                     )
         except ProxyError as e:  # moderation's refusals included
-            if account is not None:
-                account.close()
             exchange.fail(e)
             return
         except ClientGone:
-            if account is not None:
-                account.close()
             return
-        try:
-            if response is not None:
-                await self._responder.respond(exchange, response, plan, key, account)
-        finally:
-            if account is not None:
-                account.close()
+        if response is not None:
+            await self._responder.respond(exchange, response, plan, key, account)
 
     async def _fail_over(
         self,

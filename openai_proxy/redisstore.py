@@ -20,11 +20,24 @@ from twisted.logger import Logger
 from openai_proxy.failover import KeyPool
 from openai_proxy.keys import NamedKey
 from openai_proxy.limits import Decision, LimitsUnavailable, Report, Usage, periods
-from openai_proxy.resp import RedisClient, RedisError, Reply, Script, bulk
+from openai_proxy.resp import (
+    Arg,
+    LostReply,
+    RedisClient,
+    RedisError,
+    Reply,
+    Script,
+    bulk,
+)
 
 _log = Logger()
 _PREFIX = "openai-proxy:"
-_LEASE = 600  # seconds a request holds its concurrency slot at most
+#: Seconds a concurrency slot is held without being renewed: a slot whose
+#: settle was lost (Redis down when the request ended, the process killed)
+#: is free again within this.
+LEASE = 60.0
+#: Seconds between renewals of the leases of the requests still in flight.
+RENEW_EVERY = 20.0
 _REFRESH = 1.0  # seconds between reads of the shared bench state
 _TIMEOUT = 2  # seconds to connect, and to wait for a reply
 
@@ -117,7 +130,7 @@ if denied == '' then
   end
   if conc > 0 then
     redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[6])
-    redis.call('EXPIRE', KEYS[3], ARGV[4])
+    redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[4])))
   end
   redis.call('HINCRBY', KEYS[4], ARGV[5] .. '|requests', 1)
   redis.call('EXPIRE', KEYS[4], 172800)
@@ -151,8 +164,30 @@ return 1
 )
 
 
+#: KEYS: in-flight sets.  ARGV: the lease, then for each set the number of
+#: its tickets and the tickets.  Sets (again, after a Redis restart) each
+#: ticket's lease to end a lease from now, by Redis's clock.
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local lease = tonumber(ARGV[1])
+local until_ = now + lease
+local arg = 2
+for _, key in ipairs(KEYS) do
+  local count = tonumber(ARGV[arg])
+  for i = arg + 1, arg + count do
+    redis.call('ZADD', key, until_, ARGV[i])
+  end
+  arg = arg + count + 1
+  redis.call('EXPIRE', key, math.ceil(lease))
+end
+return #KEYS
+"""
+
+
 _ADMIT = Script(ADMIT)
 _SETTLE = Script(SETTLE)
+_RENEW = Script(RENEW)
 _NO_USAGE = Usage()
 
 
@@ -165,16 +200,36 @@ class RedisStore:
     script sent without waiting for it (its failure is logged), so it costs
     the request nothing but the write, which Twisted sends together with
     whatever else is written in the same reactor turn.
+
+    A concurrency slot is a lease of C{lease} seconds (by Redis's clock),
+    which this process renews every C{renew_every} seconds for its requests
+    still in flight, all in one script: a request of any length keeps its
+    slot, and a slot whose settle was lost is free again within a lease.
     """
 
-    def __init__(self, url: str, reactor: Any, pool: KeyPool) -> None:
+    def __init__(
+        self,
+        url: str,
+        reactor: Any,
+        pool: KeyPool,
+        *,
+        lease: float | None = None,
+        renew_every: float | None = None,
+    ) -> None:
         self._reactor = reactor
         self._pool = pool
+        self._lease = LEASE if lease is None else lease
         self._redis = RedisClient(
-            url, reactor, scripts=(_ADMIT, _SETTLE), timeout=_TIMEOUT
+            url, reactor, scripts=(_ADMIT, _SETTLE, _RENEW), timeout=_TIMEOUT
         )
         self._refresh = LoopingCall(self._read_benches)
         self._refresh.clock = reactor
+        # Per ticket admitted with a slot and not settled yet: its key.
+        self._live: dict[str, NamedKey] = {}
+        self._renewal = LoopingCall(self._renew)
+        self._renewal.clock = reactor
+        self._renew_every = RENEW_EVERY if renew_every is None else renew_every
+        self._renew_when_up = False
         self._bench_fields = [
             hashlib.sha256(k.encode("utf-8")).hexdigest()[:16] for k in pool.keys
         ]
@@ -189,11 +244,14 @@ class RedisStore:
         """Connect (in the background: Redis may come up later)."""
         self._redis.start()
         self._refresh.start(_REFRESH, now=False)
+        self._renewal.start(self._renew_every, now=False)
 
     async def stop(self) -> None:
-        """Stop reading benches and close the connection."""
+        """Stop reading benches and renewing leases, and close the connection."""
         if self._refresh.running:
             self._refresh.stop()
+        if self._renewal.running:
+            self._renewal.stop()
         await self._redis.stop()
 
     def ready(self) -> Deferred[None]:
@@ -227,7 +285,13 @@ class RedisStore:
         if cached is None or cached[0] is not key or cached[1] != day:
             head = _ADMIT.head(
                 (*_windows(key.name), day, month),
-                (key.rpm or 0, key.tpm or 0, key.concurrency or 0, _LEASE, key.name),
+                (
+                    key.rpm or 0,
+                    key.tpm or 0,
+                    key.concurrency or 0,
+                    repr(self._lease),
+                    key.name,
+                ),
                 1,
             )
             cached = self._admit_heads[key.name] = (key, day, head)
@@ -239,6 +303,8 @@ class RedisStore:
             except LimitsUnavailable as e:
                 d.errback(e)
             else:
+                if decision.denied is None and key.concurrency:
+                    self._live[ticket] = key  # its lease is renewed from now on
                 d.callback(decision)
 
         if not self._redis.evalsha(_ADMIT, cached[2] + bulk(ticket), decided):
@@ -246,6 +312,8 @@ class RedisStore:
         return d
 
     def settle(self, key: NamedKey, ticket: str, usage: Usage | None) -> None:
+        # No longer renewed: if this settle is lost, the lease runs out.
+        self._live.pop(ticket, None)
         if usage is None or usage.prompt + usage.completion == 0:
             if key.concurrency is None:
                 return  # nothing to free, nothing to charge
@@ -266,6 +334,34 @@ class RedisStore:
         # Not waited for: the request has its answer already.
         if not self._redis.evalsha(_SETTLE, command, _settled):
             _not_recorded("Redis is not connected")
+
+    @property
+    def in_flight(self) -> int:
+        """How many of this process's requests hold a slot whose lease it renews."""
+        return len(self._live)
+
+    def _renew(self) -> None:
+        """Renew the leases of every request in flight: one script for all."""
+        if not self._live:
+            return
+        if not self._redis.up:
+            # Renewed as soon as Redis is back: after a restart that lost
+            # the slots, the requests still running count again at once.
+            if not self._renew_when_up:
+                self._renew_when_up = True
+                self._redis.when_up().addCallback(self._renew_again)
+            return
+        by_set: dict[str, list[str]] = {}
+        for ticket, key in self._live.items():
+            by_set.setdefault(_windows(key.name)[2], []).append(ticket)
+        args: list[Arg] = [repr(self._lease)]
+        for tickets in by_set.values():
+            args += [len(tickets), *tickets]
+        self._redis.evalsha(_RENEW, _RENEW.head(list(by_set), args, 0), _renewed)
+
+    def _renew_again(self, _: object) -> None:
+        self._renew_when_up = False
+        self._renew()
 
     def report(self, now: float) -> Deferred[Report]:
         return Deferred.fromCoroutine(self._report(now))
@@ -328,8 +424,18 @@ def _decision(reply: Reply) -> Decision:
 
 
 def _settled(reply: Reply) -> None:
-    if isinstance(reply, RedisError):
+    if isinstance(reply, LostReply):
+        # Sent, but whether Redis carried it out is unknown: not reported
+        # as lost (the outage itself is, once).
+        _log.info("settle unconfirmed: {why}", why=str(reply))
+    elif isinstance(reply, RedisError):
         _not_recorded(str(reply))
+
+
+def _renewed(reply: Reply) -> None:
+    # A lost connection is reported once, and the next renewal follows.
+    if isinstance(reply, RedisError) and not isinstance(reply, LostReply):
+        _log.warn("slot leases not renewed: {why}", why=str(reply))
 
 
 def _not_recorded(why: str) -> None:

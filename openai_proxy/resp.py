@@ -63,8 +63,11 @@ class RedisUnavailable(Exception):
     """Not connected, the connection was lost, or a reply did not come in time."""
 
 
-class _Lost(RedisError):
-    """What a function waiting for a reply gets when the connection is lost."""
+class LostReply(RedisError):
+    """
+    What a function waiting for a reply gets when the connection is lost:
+    whether Redis carried the command out is unknown.
+    """
 
 
 class _Incomplete(Exception):
@@ -179,7 +182,7 @@ class _RedisProtocol(Protocol):
 
     def _handshake_step(self, name: Arg, last: bool) -> Callable[[Reply], None]:
         def step(reply: Reply) -> None:
-            if isinstance(reply, _Lost):
+            if isinstance(reply, LostReply):
                 return  # connectionLost says why
             if isinstance(reply, RedisError):
                 # The reply names no secret: Redis says WRONGPASS, NOAUTH, ...
@@ -226,6 +229,11 @@ class _RedisProtocol(Protocol):
         if waiting:
             self._since = self._client.reactor.seconds()
 
+    @property
+    def awaiting(self) -> bool:
+        """Whether a reply is due."""
+        return bool(self._waiting)
+
     def overdue(self, now: float, timeout: float) -> bool:
         return bool(self._waiting) and now - self._since > timeout
 
@@ -242,7 +250,7 @@ class _RedisProtocol(Protocol):
             if isinstance(waiter, Deferred):
                 waiter.errback(lost)
             else:
-                waiter(_Lost(str(lost)))
+                waiter(LostReply(str(lost)))
 
 
 class _Factory(ReconnectingClientFactory):
@@ -324,7 +332,20 @@ class RedisClient:
             self.reactor.connectTCP(self._host, self._port, factory, timeout=timeout)
 
     async def stop(self) -> None:
-        """Stop reconnecting and close the connection."""
+        """
+        Stop reconnecting and close the connection, once the replies due
+        on it have come (within the reply timeout): commands sent just
+        before, such as the settles of requests cut at shutdown, are then
+        known to be carried out, not reported lost.
+        """
+        protocol = self._protocol
+        if protocol is not None and protocol.awaiting:
+            try:
+                # Answered after everything sent before it; the watchdog,
+                # still running, bounds the wait.
+                await self.call("PING")
+            except Exception:
+                pass  # lost meanwhile: what waited was told so
         if self._watchdog.running:
             self._watchdog.stop()
         self._factory.stopTrying()

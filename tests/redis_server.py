@@ -114,6 +114,7 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._watch = _Watch()
         self._process: Any = None
+        self._args: list[str] = []
 
     @classmethod
     async def start(
@@ -133,26 +134,37 @@ class RedisServer:
                 *options,
             )
         assert REDIS_SERVER is not None
-        server._process = reactor.spawnProcess(
-            server._watch,
+        server._args = [
             REDIS_SERVER,
-            [
-                REDIS_SERVER,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--port",
-                str(server.port),
-                "--bind",
-                "127.0.0.1",
-                *options,
-            ],
-            env=None,
-        )
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--port",
+            str(server.port),
+            "--bind",
+            "127.0.0.1",
+            *options,
+        ]
+        server._spawn()
         test.addCleanup(server.stop)
         await server._watch.ready
         return server
+
+    def _spawn(self) -> None:
+        self._watch = _Watch()
+        self._process = reactor.spawnProcess(
+            self._watch, self._args[0], self._args, env=None
+        )
+
+    async def restart(self) -> None:
+        """
+        Stop the server and start it again on the same port (with its data
+        only if started with persistence, e.g. C{--appendonly yes}).
+        """
+        await self.stop()
+        self._spawn()
+        await self._watch.ready
 
     def stop(self) -> Deferred[None]:
         """Stop the server (if still running); fires once it has exited."""

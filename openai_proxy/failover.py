@@ -12,19 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
-from zope.interface import implementer
 
 #: Upstream statuses after which a request is tried once more on another key.
 _RETRIED = frozenset({401, 403, 429})
-#: Error bodies larger than this are not read whole (only their start).
-_ERROR_BODY_LIMIT = 65536
 
 
 class KeyPool:
@@ -136,75 +130,6 @@ def _retry_after(headers: Headers) -> float | None:
             if seconds > 0:
                 return seconds
     return None
-
-
-_DONE = Failure(ResponseDone())
-
-
-class _Collect(Protocol):
-    def __init__(self, limit: int) -> None:
-        self.chunks: list[bytes] = []
-        self._size = 0
-        self._limit = limit
-        self.done: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._size < self._limit:
-            self.chunks.append(data)
-            self._size += len(data)
-
-    def connectionLost(self, reason: Failure = _DONE) -> None:
-        self.done.callback(b"".join(self.chunks))
-
-
-def read_error_body(response: IResponse) -> Deferred[bytes]:
-    """Read an upstream error answer's body (its start, when it is large)."""
-    collect = _Collect(_ERROR_BODY_LIMIT)
-    response.deliverBody(collect)
-    return collect.done
-
-
-@implementer(IResponse)
-class ReadResponse:
-    """
-    An upstream answer whose body was already read (to judge it), handed on
-    as a response that delivers that body again.
-    """
-
-    def __init__(self, original: IResponse, body: bytes) -> None:
-        self.version = original.version
-        self.code = original.code
-        self.phrase = original.phrase
-        self.headers = original.headers
-        self.length = len(body)
-        self.request = original.request
-        self.previousResponse = original.previousResponse
-        self.body = body
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(_Finished())
-        if self.body:
-            protocol.dataReceived(self.body)
-        protocol.connectionLost(_DONE)
-
-    def setPreviousResponse(self, response: IResponse) -> None:
-        self.previousResponse = response
-
-
-class _Finished:
-    """The producer of a body already in memory: nothing to pause or stop."""
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
 
 
 class _KeepOpen:

@@ -23,7 +23,7 @@ from openai_proxy.config import Config
 from openai_proxy.errorbody import ReadResponse
 from openai_proxy.errors import ProxyError
 from openai_proxy.exchange import ERROR_KINDS, Exchange, upstream_error
-from openai_proxy.failover import judge, might_retry, replayable
+from openai_proxy.failover import abandon, judge, might_retry, replayable
 from openai_proxy.headers import REQUEST_DROPPED, copy_headers
 from openai_proxy.metrics import Metrics
 from openai_proxy.moderation import Moderation
@@ -174,12 +174,13 @@ class Forwarder:
             if retried or following is None:
                 return read
             read.discard()
+            # The upstream may have answered before reading the whole body:
+            # that attempt stops sending it before the next one starts.
+            abandon(body)
+            body = replayable(exchange.request, body)
             retried, index = True, following
             next_response = await self._send(
-                exchange,
-                pool.keys[index],
-                replayable(exchange.request, body),
-                uncompressed,
+                exchange, pool.keys[index], body, uncompressed
             )
             if next_response is None:
                 return None

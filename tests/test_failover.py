@@ -7,17 +7,20 @@ they have read the request body.  Real sockets over loopback throughout.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
 from tests.fake_upstream import Script
-from tests.harness import JSON, RelayTestCase
+from tests.harness import JSON, Proxy, RelayTestCase
 from tests.test_keys import chat
 
 _PROXY_KEY = "pk-team"
@@ -179,3 +182,151 @@ class LargeErrorBodyTests(_LargeErrorBody, _Failover):
 
 class LargeErrorBodyOneKeyTests(_LargeErrorBody, _Failover):
     keys = "sk-server-one"
+
+
+class _EarlyAnswer(Protocol):
+    """
+    An upstream that refuses a request body it has not seen before after
+    reading only its start, and takes a body it has seen (the retry): it
+    records the whole of it.  Keep-alive.
+
+    It stops reading a refused request until the next request comes (the
+    retry), so that the retry is sent while the proxy is still sending the
+    refused body; it then reads the rest of that body, throwing it away.
+    """
+
+    def __init__(self, upstream: _EarlyAnswers) -> None:
+        self._upstream = upstream
+        self._buffer = b""
+        self._head = True
+        self._pieces: list[bytes] = []
+        self._length = 0
+        self._received = 0
+        self._refused: bool | None = None
+        self._refusal: Deferred[int] | None = None
+
+    def connectionMade(self) -> None:
+        self._upstream.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while self._buffer:
+            if self._head:
+                head, found, self._buffer = self._buffer.partition(b"\r\n\r\n")
+                if not found:
+                    self._buffer = head
+                    return
+                self._begin(head.lower().split(b"\r\n"))
+            piece = self._buffer[: self._length - self._received]
+            self._buffer = self._buffer[len(piece) :]
+            self._received += len(piece)
+            if not self._refused:
+                self._pieces.append(piece)
+            self._answer()
+
+    def _begin(self, lines: list[bytes]) -> None:
+        self._head = False
+        self._length = next(
+            int(line.split(b":")[1])
+            for line in lines
+            if line.startswith(b"content-length:")
+        )
+        self._received, self._pieces, self._refused = 0, [], None
+
+    def _answer(self) -> None:
+        assert self.transport is not None
+        if self._refused is None and self._received >= 1000:
+            start = b"".join(self._pieces)[:1000]
+            self._refused = start not in self._upstream.seen
+            self._upstream.seen.add(start)
+            if self._refused:
+                self._pieces = []
+                self._refusal = Deferred()
+                self._upstream.refusals.append(self._refusal)
+                self._write(b"401 Unauthorized", b'{"error": {"code": "bad_key"}}')
+                self.transport.pauseProducing()
+                self._upstream.held.append(self.transport)
+            else:
+                # The retry: the refused request may be read on now.
+                while self._upstream.held:
+                    self._upstream.held.pop().resumeProducing()
+        if self._received == self._length:
+            self._refused_body_ended()
+            if not self._refused:
+                self._upstream.bodies.append(b"".join(self._pieces))
+                self._write(b"200 OK", _OK)
+            self._head = True
+
+    def _write(self, status: bytes, body: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body)
+        )
+
+    def _refused_body_ended(self) -> None:
+        if self._refusal is not None:
+            refusal, self._refusal = self._refusal, None
+            refusal.callback(self._received)
+
+    def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        self._refused_body_ended()
+
+
+class _EarlyAnswers(Factory):
+    """Makes L{_EarlyAnswer}s and keeps what they saw."""
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+        self.bodies: list[bytes] = []
+        self.connections: list[_EarlyAnswer] = []
+        self.held: list[Any] = []
+        #: For each refused request: how much of its body came, in the end.
+        self.refusals: list[Deferred[int]] = []
+
+    def close(self) -> None:
+        """Close the connections still open."""
+        for protocol in self.connections:
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+    def buildProtocol(self, addr: Any) -> _EarlyAnswer:
+        return _EarlyAnswer(self)
+
+
+class SpooledReplayTests(_Failover):
+    """Item 13: a spooled body replayed on the next key arrives whole."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.upstream = _EarlyAnswers()
+        port = reactor.listenTCP(0, self.upstream, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self.upstream.close)
+        # A small window: the refusal comes while the proxy is still sending.
+        port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        env = {
+            **self.env,
+            "TIMEOUT": "10000",
+            "UPSTREAM": f"http://127.0.0.1:{port.getHost().port}",
+            "KEY_COOLDOWN": "0.001",  # so every request is tried twice
+        }
+        self.proxy = Proxy(self, env)
+
+    async def test_a_spooled_body_is_replayed_whole_after_an_early_answer(
+        self,
+    ) -> None:
+        sent = []
+        for _ in range(20):
+            big = json.dumps(chat(padding=os.urandom(1_000_000).hex())).encode()
+            sent.append(big)
+            response = await self.post(big)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(await response.content(), _OK)
+        self.assertEqual(len(self.upstream.refusals), 20)
+        self.assertEqual(len(self.upstream.bodies), 20)
+        for got, body in zip(self.upstream.bodies, sent, strict=True):
+            self.assertEqual(got, body)
+        # The refused attempts stopped sending: none sent the whole body.
+        for refusal, body in zip(self.upstream.refusals, sent, strict=True):
+            self.assertLess(await refusal, len(body))

@@ -16,12 +16,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 
 from tests.fake_upstream import Script
 from tests.harness import JSON, Proxy, RelayTestCase
+from tests.rawhttp import connect
 from tests.test_keys import chat
+from tests.test_operations import parse_samples, series
 
 _PROXY_KEY = "pk-team"
 _HEADERS = {"Authorization": f"Bearer {_PROXY_KEY}", **JSON}
@@ -46,12 +49,13 @@ _CLOSED = Failure(ConnectionDone())
 
 class _Failover(RelayTestCase):
     keys = "sk-server-one,sk-server-two"
+    idle_timeout = _TIMEOUT
 
     def setUp(self) -> None:
         self.env = {
             "OPENAI_KEY": self.keys,
             "PROXY_KEY": _PROXY_KEY,
-            "TIMEOUT": str(int(_TIMEOUT * 1000)),
+            "TIMEOUT": str(int(self.idle_timeout * 1000)),
         }
         super().setUp()
 
@@ -61,6 +65,10 @@ class _Failover(RelayTestCase):
             json.dumps(chat()).encode() if body is None else body,
             headers=_HEADERS,
         )
+
+    async def scrape(self) -> dict[str, float]:
+        response = await self.http.get(self.url("/metrics"))
+        return parse_samples((await response.content()).decode("utf-8"))
 
     def keys_used(self) -> list[bytes | None]:
         return [r.header(b"authorization") for r in self.fake.received]
@@ -144,6 +152,30 @@ class StalledErrorBodyTests(_Failover):
         self.assertEqual(len(self.fake.received), 2)
 
 
+class ClientLeavingTests(_Failover):
+    """A client that leaves while an error body is being judged."""
+
+    idle_timeout = 30.0
+    timeout = 10  # the upstream would be closed only after TIMEOUT
+
+    async def test_leaving_during_the_error_body_closes_the_upstream(self) -> None:
+        self.fake.by_key["sk-server-one"] = _stalled_error()
+        client = await connect(self.proxy.port.getHost().port)
+        assert client.transport is not None
+        body = json.dumps(chat()).encode()
+        client.transport.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (_PROXY_KEY.encode(), len(body), body)
+        )
+        used = series("openai_proxy_upstream_key_requests_total", index="0")
+        while used not in await self.scrape():  # the error body is being read
+            pass
+        client.transport.loseConnection()
+        await self.fake.closed[0]
+        self.assertEqual(len(self.fake.received), 1)
+
+
 class _LargeErrorBody:
     """Item 12: an error body of any size reaches the client unchanged."""
 
@@ -178,6 +210,25 @@ class LargeErrorBodyTests(_LargeErrorBody, _Failover):
         self.assertEqual(reply["object"], "chat.completion")
         # The first answer's connection, abandoned mid-body, is closed.
         await self.fake.closed[0]
+
+    async def test_a_relayed_error_body_keeps_backpressure(self) -> None:
+        total = 64 * 1024 * 1024
+        self.fake.script = Script(status=503, chunks=[b"x" * 65536] * 1024)
+        client = await connect(self.proxy.port.getHost().port)
+        assert client.transport is not None
+        body = json.dumps(chat()).encode()
+        client.transport.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (_PROXY_KEY.encode(), len(body), body)
+        )
+        await client.first
+        client.transport.pauseProducing()  # the client stops reading
+        # Give a proxy without backpressure ample time to pull everything.
+        await deferLater(reactor, 0.5)
+        self.assertLess(self.fake.sent_bytes[0], total // 4)
+        client.transport.abortConnection()
+        await self.fake.closed[-1]
 
 
 class LargeErrorBodyOneKeyTests(_LargeErrorBody, _Failover):
@@ -297,6 +348,8 @@ class _EarlyAnswers(Factory):
 class SpooledReplayTests(_Failover):
     """Item 13: a spooled body replayed on the next key arrives whole."""
 
+    idle_timeout = 10.0
+
     def setUp(self) -> None:
         super().setUp()
         self.upstream = _EarlyAnswers()
@@ -307,7 +360,6 @@ class SpooledReplayTests(_Failover):
         port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         env = {
             **self.env,
-            "TIMEOUT": "10000",
             "UPSTREAM": f"http://127.0.0.1:{port.getHost().port}",
             "KEY_COOLDOWN": "0.001",  # so every request is tried twice
         }

@@ -1,30 +1,30 @@
 """
 Server-held upstream keys that fail over: a pool handing keys out in turn,
-skipping benched ones, and the rule deciding when an upstream answer makes a
-request try the next key.
+skipping benched ones, the rule deciding when an upstream answer makes a
+request try the next key, and request bodies that can be sent again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from io import BytesIO
+from typing import IO
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.internet.interfaces import IConsumer
+from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
-from zope.interface import implementer
+
+from openai_proxy.relay import BytesProducer
 
 #: Upstream statuses after which a request is tried once more on another key.
 _RETRIED = frozenset({401, 403, 429})
-#: Error bodies larger than this are not read whole (only their start).
-_ERROR_BODY_LIMIT = 65536
 
 
 class KeyPool:
@@ -138,104 +138,106 @@ def _retry_after(headers: Headers) -> float | None:
     return None
 
 
-_DONE = Failure(ResponseDone())
-
-
-class _Collect(Protocol):
-    def __init__(self, limit: int) -> None:
-        self.chunks: list[bytes] = []
-        self._size = 0
-        self._limit = limit
-        self.done: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._size < self._limit:
-            self.chunks.append(data)
-            self._size += len(data)
-
-    def connectionLost(self, reason: Failure = _DONE) -> None:
-        self.done.callback(b"".join(self.chunks))
-
-
-def read_error_body(response: IResponse) -> Deferred[bytes]:
-    """Read an upstream error answer's body (its start, when it is large)."""
-    collect = _Collect(_ERROR_BODY_LIMIT)
-    response.deliverBody(collect)
-    return collect.done
-
-
-@implementer(IResponse)
-class ReadResponse:
+class _SpoolReader:
     """
-    An upstream answer whose body was already read (to judge it), handed on
-    as a response that delivers that body again.
+    A reader of twisted.web's spool file with a position of its own (read
+    with C{os.pread}): several producers can send the same body at once,
+    none moving another's place, and none closes the file.
     """
 
-    def __init__(self, original: IResponse, body: bytes) -> None:
-        self.version = original.version
-        self.code = original.code
-        self.phrase = original.phrase
-        self.headers = original.headers
-        self.length = len(body)
-        self.request = original.request
-        self.previousResponse = original.previousResponse
-        self.body = body
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(_Finished())
-        if self.body:
-            protocol.dataReceived(self.body)
-        protocol.connectionLost(_DONE)
-
-    def setPreviousResponse(self, response: IResponse) -> None:
-        self.previousResponse = response
-
-
-class _Finished:
-    """The producer of a body already in memory: nothing to pause or stop."""
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
-
-
-class _KeepOpen:
-    """A spooled request body that C{FileBodyProducer} may not close."""
-
-    def __init__(self, f: Any) -> None:
+    def __init__(self, f: IO[bytes]) -> None:
         self._f = f
+        self._position = 0
+        self._closed = False
+
+    def _fd(self) -> int:
+        # Asked each time: once twisted.web has closed the file (the client
+        # left), this raises instead of reading whatever took its number.
+        return self._f.fileno()
 
     def read(self, size: int = -1) -> bytes:
-        data: bytes = self._f.read(size)
+        if self._closed:
+            return b""
+        fd = self._fd()
+        if size < 0:
+            size = max(os.fstat(fd).st_size - self._position, 0)
+        data = os.pread(fd, size, self._position)
+        self._position += len(data)
         return data
 
-    def seek(self, offset: int, whence: int = 0) -> int:
-        position: int = self._f.seek(offset, whence)
-        return position
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._position
+        elif whence == os.SEEK_END:
+            offset += os.fstat(self._fd()).st_size
+        self._position = offset
+        return offset
 
     def tell(self) -> int:
-        position: int = self._f.tell()
-        return position
+        return self._position
 
     def close(self) -> None:
-        pass
+        self._closed = True
+
+
+class _Replay(FileBodyProducer):
+    """
+    A spooled request body, sent from a position of its own in the spool
+    file; L{abandon} stops it should the upstream answer before it is sent.
+    """
+
+    _consumer: object = None
+    _sent = False
+
+    def __init__(self, spool: IO[bytes]) -> None:
+        super().__init__(_SpoolReader(spool))
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        d: Deferred[None] = super().startProducing(consumer)
+        return d.addCallback(self._done)
+
+    def _done(self, result: None) -> None:
+        self._sent = True
+        return result
+
+    def abandon(self) -> None:
+        """
+        Stop sending, if the body is still being sent, and close the
+        connection it goes on.  Merely stopped, the producer would stay
+        registered with that connection, which would then never close.
+        """
+        if self._consumer is None or self._sent:
+            return
+        # Twisted hands a body with a length to a LengthEnforcingConsumer
+        # wrapping the connection (tests/test_failover.py pins this).  Not
+        # found, the body is left to be sent: it reads from its own position.
+        transport = getattr(self._consumer, "_consumer", None)
+        if transport is None or not hasattr(transport, "abortConnection"):
+            return
+        self.stopProducing()
+        transport.abortConnection()
 
 
 def replayable(request: Request, body: IBodyProducer | None) -> IBodyProducer | None:
     """
-    A producer of the same request body that can be sent again: one already
-    in memory is; one read from twisted.web's spool file is made anew from
-    the start of the file, which it does not close.
+    A producer of the same request body that can be sent again, even while
+    an earlier one is still sending it: one already in memory is; one read
+    from twisted.web's spool file is made anew, reading from the start of
+    the file at a position of its own, and does not close the file.
     """
-    if isinstance(body, FileBodyProducer) and request.content is not None:
-        request.content.seek(0)
-        return FileBodyProducer(_KeepOpen(request.content))
+    content = request.content
+    if isinstance(body, FileBodyProducer) and content is not None:
+        if isinstance(content, BytesIO):  # (not spooled after all)
+            return BytesProducer(content.getvalue())
+        return _Replay(content)
     return body
+
+
+def abandon(body: IBodyProducer | None) -> None:
+    """
+    Stop an earlier attempt at sending C{body} (from L{replayable}) if the
+    upstream answered before it was all sent, closing its connection.
+    """
+    if isinstance(body, _Replay):
+        body.abandon()

@@ -21,15 +21,10 @@ from openai_proxy.allowlist import check_path, check_query
 from openai_proxy.auth import Grant, KeyPolicy
 from openai_proxy.bodies import ClientGone, request_body
 from openai_proxy.config import Config
+from openai_proxy.errorbody import ReadResponse
 from openai_proxy.errors import ProxyError
 from openai_proxy.exchange import ERROR_KINDS, Exchange, upstream_error
-from openai_proxy.failover import (
-    ReadResponse,
-    judge,
-    might_retry,
-    read_error_body,
-    replayable,
-)
+from openai_proxy.failover import abandon, judge, might_retry, replayable
 from openai_proxy.headers import REQUEST_DROPPED, copy_headers
 from openai_proxy.metrics import Metrics
 from openai_proxy.moderation import Moderation
@@ -159,14 +154,23 @@ class Forwarder:
     ) -> IResponse | None:
         """
         The upstream refused the request on server key C{index} before any
-        byte reached the client: bench the key when its answer says so, and
-        try once more on the next key that is not benched.  Returns the
-        answer to relay (the last one, when no other key was tried).
+        byte reached the client: judge its answer by its status and the
+        start of its error body (read under the idle C{TIMEOUT}), bench the
+        key when the answer says so, and try once more on the next key that
+        is not benched.  Returns the answer to relay (the last one, when no
+        other key was tried: its body whole), or L{None} if the client left.
+        With a single server key the answer is returned unread.
         """
         pool = self._keys.pool
+        if len(pool.keys) < 2:
+            # Nothing to fail over to: the answer is relayed as it streams.
+            return response
         retried = False
         while True:
-            read = ReadResponse(response, await read_error_body(response))
+            read = ReadResponse(response, self._reactor, self._timeout)
+            exchange.relay = read.relay  # (a client that leaves stops the read)
+            await read.ready
+            exchange.relay = None
             verdict = judge(read.code, read.headers, read.body, self._cooldown)
             self._metrics.upstream_key_failed(index)
             if verdict.bench_seconds is not None:
@@ -178,15 +182,20 @@ class Forwarder:
                     seconds=verdict.bench_seconds,
                     status=read.code,
                 )
+            if exchange.gone:
+                read.discard()
+                return None
             following = pool.other(index) if verdict.retry else None
-            if retried or following is None or exchange.gone:
+            if retried or following is None:
                 return read
+            read.discard()
+            # The upstream may have answered before reading the whole body:
+            # that attempt stops sending it before the next one starts.
+            abandon(body)
+            body = replayable(exchange.request, body)
             retried, index = True, following
             next_response = await self._send(
-                exchange,
-                pool.keys[index],
-                replayable(exchange.request, body),
-                uncompressed,
+                exchange, pool.keys[index], body, uncompressed
             )
             if next_response is None:
                 return None

@@ -48,21 +48,26 @@ _REASONS = {
 }
 
 
-def _raw_error(transport: Any, error: ProxyError, *, cors: bool) -> None:
-    # Written straight to the connection, which is closed after it: the
-    # request never reaches a resource.
+def _raw_error(transport: Any, error: ProxyError, *, cors: bool) -> tuple[str, int]:
+    """
+    Write C{error} straight to the connection, which is closed after it: the
+    request never reaches a resource.  Returns the response's request id and
+    the size of its body, for the access log.
+    """
     body = error.body()
+    request_id = new_request_id()
     reason = _REASONS.get(error.status, b"Error")
     head = [
         b"HTTP/1.1 %d %s" % (error.status, reason),
         b"Content-Type: " + errors.JSON_CONTENT_TYPE,
         b"Content-Length: %d" % len(body),
-        b"X-Proxy-Request-Id: " + new_request_id().encode("ascii"),
+        b"X-Proxy-Request-Id: " + request_id.encode("ascii"),
         b"Connection: close",
     ]
     if cors:
         head.append(b"Access-Control-Allow-Origin: *")
     transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+    return request_id, len(body)
 
 
 class ProxyRequest(Request):
@@ -129,8 +134,10 @@ class ProxyRequest(Request):
             self.content = None
         site: ProxySite = self.channel.site
         self.channel.persistent = False
-        _raw_error(self.channel.transport, error, cors=site.allow_any_origin)
-        site.refused(self, error.status)
+        request_id, sent = _raw_error(
+            self.channel.transport, error, cors=site.allow_any_origin
+        )
+        site.refused(self, error.status, request_id=request_id, bytes_out=sent)
 
 
 class ProxyChannel(HTTPChannel):
@@ -233,12 +240,16 @@ class ProxyChannel(HTTPChannel):
         self._cancel_deadline()
         self._awaiting_head = False
         self.persistent = False
-        _raw_error(self.transport, error, cors=self.site.allow_any_origin)
+        request_id, sent = _raw_error(
+            self.transport, error, cors=self.site.allow_any_origin
+        )
         # Ignore whatever else it sends; close once the answer is out.
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         if self.transport is not None:
             self.transport.loseConnection()
-        self.site.refused_head(self, error.status)
+        self.site.refused_head(
+            self, error.status, request_id=request_id, bytes_out=sent
+        )
 
 
 class ProxySite(Site):
@@ -308,8 +319,18 @@ class ProxySite(Site):
             return e
         return None
 
-    def refused(self, request: ProxyRequest, status: int = 413) -> None:
-        """Log a request refused before its body was read: it never reaches the resource."""
+    def refused(
+        self,
+        request: ProxyRequest,
+        status: int = 413,
+        *,
+        request_id: str | None = None,
+        bytes_out: int = 0,
+    ) -> None:
+        """
+        Log a request refused before its body was read (it never reaches the
+        resource), with the id and body size of the answer it got.
+        """
         # Only the channel knows the request line yet (requestReceived, which
         # sets request.method and .uri, comes after the body).
         channel = request.channel
@@ -319,22 +340,34 @@ class ProxySite(Site):
             method=method,
             path=path,
             status=status,
-            bytes_out=0,
+            bytes_out=bytes_out,
             duration=0.0,
             upstream=None,
+            request_id=request_id,
         )
         if self._on_refused is not None:
             self._on_refused(method, path, status)
 
-    def refused_head(self, channel: ProxyChannel, status: int) -> None:
-        """Log a connection refused before its request's headers were complete."""
+    def refused_head(
+        self,
+        channel: ProxyChannel,
+        status: int,
+        *,
+        request_id: str | None = None,
+        bytes_out: int = 0,
+    ) -> None:
+        """
+        Log a connection refused before its request's headers were complete,
+        with the id and body size of the answer it got.
+        """
         log_request(
             method=b"-",
             path=b"-",
             status=status,
-            bytes_out=0,
+            bytes_out=bytes_out,
             duration=0.0,
             upstream=None,
+            request_id=request_id,
         )
         if self._on_refused is not None:
             self._on_refused(b"-", b"", status)

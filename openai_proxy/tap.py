@@ -93,7 +93,11 @@ ENVIRONMENT_ONLY: tuple[tuple[str, str, str], ...] = (
     ("TENCENT_CLOUD_SID", "none", "Tencent Cloud SecretId (with _SKEY)."),
     ("TENCENT_CLOUD_SKEY", "none", "Tencent Cloud SecretKey (with _SID)."),
     ("METRICS_KEY", "none", "Bearer token required on /metrics."),
-    ("LOG_BODIES", "0", "1: log the first 4096 bytes of request bodies."),
+    (
+        "LOG_BODIES",
+        "0",
+        "1: log the first 4096 bytes of request bodies (text or JSON).",
+    ),
     ("ADMIN_KEY", "none", "Bearer token for GET /usage (off without it)."),
     ("REDIS_URL", "none", "redis://, rediss:// or unix:// for shared limits."),
 )

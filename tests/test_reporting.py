@@ -7,14 +7,49 @@ temporary directory under an upload, and the text access line.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher
 
-from tests.harness import AUTH, Proxy
+from openai_proxy import logs
+from tests.harness import AUTH, Proxy, RelayTestCase
+from tests.rawhttp import raw_request
 from tests.test_hardening import _ScrapingTest, capture_logs
 from tests.test_operations import ERRORS, series
+
+OPENAI_KEY = "sk-test-upstream-0123456789"
+
+
+def text_access_lines(test: Any) -> list[str]:
+    """
+    Every access line the default (text) log writes from now until the end
+    of C{test}, as it writes them.
+    """
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "openai_proxy.access":
+            text = logs._text_line(logs.redact_event(event))
+            assert text is not None
+            lines.append(logs.redact_text(text))
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
+
+
+def split_response(data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Status, headers (lower-case names) and body of one raw HTTP response."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.split(b"\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
 
 
 class _ScriptedHead(Protocol):
@@ -96,3 +131,72 @@ class BrokenUpstreamHeadTests(_ScrapingTest):
         self.assertEqual(code, 504)
         self.assertEqual(error["code"], "upstream_timeout")
         self.assertEqual(moved, {"reset": 0, "unreachable": 0, "timeout": 1})
+
+
+class TextAccessLineTests(RelayTestCase):
+    """
+    Item 17: the default text access line names the request id, and holds
+    the body when C{LOG_BODIES=1}, as the JSON line does.
+    """
+
+    env = {"LOG_BODIES": "1", "MAX_BODY": "1000"}
+
+    async def test_text_line_names_the_request_id_and_holds_the_body(self) -> None:
+        lines = text_access_lines(self)
+        payload = {"model": "m", "messages": [{"role": "user", "content": "a\nb"}]}
+        response = await self.post_json("/v1/chat/completions", payload)
+        await response.content()
+        request_id = response.headers.getRawHeaders(b"x-proxy-request-id")[0].decode()
+        [line] = [line for line in lines if f" id={request_id}" in line]
+        self.assertIn("POST /v1/chat/completions 200 ", line)
+        # One line, whatever the body holds: it is written as a JSON string.
+        self.assertTrue(
+            line.endswith(" body=" + json.dumps(json.dumps(payload)) + "\n")
+        )
+        self.assertEqual(line.count("\n"), 1)
+
+    async def test_a_key_in_a_logged_body_is_redacted_in_the_text_line(self) -> None:
+        lines = text_access_lines(self)
+        response = await self.post_json(
+            "/v1/embeddings", {"input": f"my key is {OPENAI_KEY}"}
+        )
+        await response.content()
+        [line] = [line for line in lines if "/v1/embeddings" in line]
+        self.assertIn("my key is [REDACTED]", line)
+        self.assertNotIn(OPENAI_KEY, line)
+
+    async def test_refused_body_is_logged_with_its_id_and_the_bytes_sent(
+        self,
+    ) -> None:
+        lines = text_access_lines(self)
+        data = await raw_request(
+            self.proxy.port.getHost().port,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer k\r\nContent-Length: 5000\r\n"
+            # The proxy closes at once instead of waiting to drain a body.
+            b"Expect: 100-continue\r\n\r\n",
+        )
+        status, headers, body = split_response(data)
+        self.assertEqual(status, 413)
+        [line] = lines
+        self.assertIn(f"POST /v1/chat/completions 413 {len(body)}B ", line)
+        self.assertIn(f" id={headers[b'x-proxy-request-id'].decode()}", line)
+
+    async def test_refused_head_is_logged_with_its_id_and_the_bytes_sent(
+        self,
+    ) -> None:
+        lines = text_access_lines(self)
+        data = await raw_request(
+            self.proxy.port.getHost().port,
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+            + b"X-Big: "
+            + b"a" * 20_000
+            + b"\r\n\r\n",
+        )
+        status, headers, body = split_response(data)
+        self.assertEqual(status, 431)
+        [line] = lines
+        self.assertTrue(
+            re.search(rf"\] - - 431 {len(body)}B .* id=[0-9a-f]{{16}}$", line.rstrip())
+        )
+        self.assertIn(f" id={headers[b'x-proxy-request-id'].decode()}", line)

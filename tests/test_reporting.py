@@ -6,8 +6,13 @@ temporary directory under an upload, and the text access line.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
 import re
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
@@ -18,7 +23,7 @@ from openai_proxy import logs
 from tests.harness import AUTH, Proxy, RelayTestCase
 from tests.rawhttp import raw_request
 from tests.test_hardening import _ScrapingTest, capture_logs
-from tests.test_operations import ERRORS, series
+from tests.test_operations import ERRORS, REQUESTS, series
 
 OPENAI_KEY = "sk-test-upstream-0123456789"
 
@@ -200,3 +205,140 @@ class TextAccessLineTests(RelayTestCase):
             re.search(rf"\] - - 431 {len(body)}B .* id=[0-9a-f]{{16}}$", line.rstrip())
         )
         self.assertIn(f" id={headers[b'x-proxy-request-id'].decode()}", line)
+
+
+class _Disk(io.RawIOBase):
+    """A file on a disk with C{room} bytes free: writes past them fail (ENOSPC)."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self._data = bytearray()
+        self._position = 0
+        self._room = room
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        size = len(data)
+        if self._position + size > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._data[self._position : self._position + size] = data
+        self._position += size
+        return size
+
+    def readinto(self, buffer: Any) -> int:
+        piece = self._data[self._position : self._position + len(buffer)]
+        buffer[: len(piece)] = piece
+        self._position += len(piece)
+        return len(piece)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._position, len(self._data))[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+def full_disk(room: int | None, buffer_size: int = 8192) -> Callable[..., Any]:
+    """
+    A stand-in for C{tempfile.TemporaryFile} on a full disk: a buffered file
+    (as the real one is) with C{room} bytes left, or, for L{None}, one that
+    cannot even be created.
+    """
+
+    def temporary_file(*args: Any, **kwargs: Any) -> Any:
+        if room is None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return io.BufferedRandom(_Disk(room), buffer_size)
+
+    return temporary_file
+
+
+def upload(size: int, *, chunked: bool = False) -> bytes:
+    """A raw file upload of C{size} bytes, large enough to be spooled to disk."""
+    head = b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+    head += b"Content-Type: application/octet-stream\r\n"
+    body = b"x" * size
+    if chunked:
+        return (
+            head
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % size
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+    return head + b"Content-Length: %d\r\n\r\n" % size + body
+
+
+class FullTemporaryDirectoryTests(_ScrapingTest):
+    """
+    Item 15: an upload the proxy cannot store (the temporary directory is
+    full) is answered 507 with an OpenAI-style body, logged once, counted,
+    and the proxy keeps serving.
+    """
+
+    REFUSED = series(REQUESTS, method="POST", route="files", status="507")
+
+    async def assert_insufficient_storage(self, payload: bytes) -> None:
+        before = await self.scrape()
+        data = await raw_request(self.proxy.port.getHost().port, payload)
+        status, headers, body = split_response(data)
+        self.assertEqual(status, 507)
+        self.assertEqual(headers[b"content-type"], b"application/json; charset=utf-8")
+        error = json.loads(body)["error"]
+        self.assertEqual(error["code"], "insufficient_storage")
+        self.assertEqual(error["type"], "api_error")
+        after = await self.scrape()
+        self.assertEqual(after[self.REFUSED] - before.get(self.REFUSED, 0), 1)
+        # And the next request is served.
+        response = await self.http.get(self.url("/v1/models"), headers=AUTH)
+        await response.content()
+        self.assertEqual(response.code, 200)
+
+    async def test_body_that_cannot_be_written_gets_507(self) -> None:
+        self.patch(tempfile, "TemporaryFile", full_disk(65536, buffer_size=4096))
+        await self.assert_insufficient_storage(upload(300_000))
+
+    async def test_body_whose_last_bytes_cannot_be_flushed_gets_507(self) -> None:
+        # Everything fits the file's buffer: the failure comes at the flush.
+        self.patch(tempfile, "TemporaryFile", full_disk(0, buffer_size=1 << 20))
+        await self.assert_insufficient_storage(upload(200_000))
+
+    async def test_chunked_body_without_a_temporary_file_gets_507(self) -> None:
+        self.patch(tempfile, "TemporaryFile", full_disk(None))
+        await self.assert_insufficient_storage(upload(1000, chunked=True))
+
+    async def test_full_disk_is_logged_once_until_bodies_can_be_stored_again(
+        self,
+    ) -> None:
+        lines = capture_logs(self)
+        port = self.proxy.port.getHost().port
+        full_tmp = self.patch(tempfile, "TemporaryFile", full_disk(65536, 4096))
+        for _ in range(3):
+            await raw_request(port, upload(300_000))
+        full = [line for line in lines if "cannot store request bodies" in line]
+        self.assertEqual(len(full), 1)
+        self.assertIn("No space left on device", full[0])
+
+        full_tmp.restore()
+        response = await self.http.post(
+            self.url("/v1/files"), b"x" * 300_000, headers=AUTH
+        )
+        self.assertEqual(json.loads(await response.content())["bytes"], 300_000)
+        self.assertEqual(
+            len([line for line in lines if "can be stored again" in line]), 1
+        )
+
+        self.patch(tempfile, "TemporaryFile", full_disk(None))
+        await raw_request(port, upload(300_000))
+        full = [line for line in lines if "cannot store request bodies" in line]
+        self.assertEqual(len(full), 2)

@@ -157,7 +157,7 @@ class ProxyApp(Service):
         super().startService()
         # SIGHUP never ends the proxy: it re-reads KEYS_FILE, or is logged
         # as having nothing to do.  It was held from start-up (see
-        # tap.hold_sighup): one sent meanwhile is handled now.
+        # openai_proxy.tap): one sent meanwhile is handled now.
         self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         if self.store is not None:

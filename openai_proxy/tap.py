@@ -1,12 +1,22 @@
 """
 The C{twistd openai-proxy} command: options, and the service they make.
+
+Importing this module blocks C{SIGHUP} in the importing thread, until the
+application handles it (L{openai_proxy.app.ProxyApp.startService} unblocks
+it): a SIGHUP sent while the proxy starts waits, and is handled then,
+instead of ending the process by the signal's default action.
 """
 
 from __future__ import annotations
 
+import signal
+
+# First of all: twistd imports this module before any other of the proxy's,
+# and the imports below take a tenth of a second or more.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -180,9 +190,6 @@ class Options(usage.Options):
         return super().getUsage(width) + "\n".join(lines) + "\n"
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        if getattr(self, "parent", None) is not None:
-            # Run by twistd: the first of the proxy's code to run.
-            hold_sighup()
         # twistd prints the whole usage text before a usage error, so the
         # one line that matters scrolls away: print it alone instead.
         try:
@@ -202,16 +209,6 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         logs.use_log_format(self, self["config"].log_format)
         _no_pid_file_in_the_foreground(self)
-
-
-def hold_sighup() -> None:
-    """
-    Block C{SIGHUP} in this thread until the application's handler is in
-    place (L{openai_proxy.app.ProxyApp.startService} unblocks it): one
-    sent while the proxy starts then waits, and is handled then, instead of
-    ending the process by the signal's default action.
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 
 
 def _no_pid_file_in_the_foreground(options: usage.Options) -> None:

@@ -24,19 +24,18 @@ from tests.harness import JSON, client
 from tests.test_keys import chat, keys_file
 from tests.test_operations import Twistd, start_twistd
 
-#: twistd, saying "options parsed" on stdout as it hands its arguments to the
-#: proxy's options: the first of the proxy's own code that runs.
+#: twistd, saying "plugin loaded" on stdout once it has imported the proxy's
+#: plugin module (twistd's first import of the proxy's code).  It starts
+#: with SIGHUP unblocked, as from a shell: the test process importing that
+#: module has it blocked, and a child would inherit that.
 ANNOUNCING_TWISTD = (
     sys.executable,
     "-c",
-    "import sys\n"
-    "from openai_proxy import tap\n"
-    "post = tap.Options.postOptions\n"
-    "def announced(self):\n"
-    "    sys.stdout.write('options parsed\\n')\n"
-    "    sys.stdout.flush()\n"
-    "    post(self)\n"
-    "tap.Options.postOptions = announced\n"
+    "import signal, sys\n"
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})\n"
+    "import openai_proxy.tap\n"
+    "sys.stdout.write('plugin loaded\\n')\n"
+    "sys.stdout.flush()\n"
     "from twisted.scripts.twistd import run\n"
     "run()\n",
 )
@@ -195,18 +194,19 @@ class SighupAtStartTests(TestCase):
         self, env: dict[str, str], listening: bytes
     ) -> tuple[Twistd, int, SighupStorm]:
         """
-        Start the proxy with SIGHUPs sent from its first option on until it
-        logged C{listening} and 20 more; check it is still running.
+        Start the proxy with SIGHUPs sent from the moment its plugin is
+        loaded until it logged C{listening}, and 20 more; check it is still
+        running.
         """
         proc = Twistd()
         storm = SighupStorm(proc)
         self.addCleanup(storm.stop)
 
-        async def hup_from_the_first_option() -> None:
-            await proc.logged(rb"options parsed")
+        async def hup_from_the_plugin_on() -> None:
+            await proc.logged(rb"plugin loaded")
             storm.start()
 
-        stormed = Deferred.fromCoroutine(hup_from_the_first_option())
+        stormed = Deferred.fromCoroutine(hup_from_the_plugin_on())
         _, port = await start_twistd(self, env, twistd=ANNOUNCING_TWISTD, proto=proc)
         await stormed
         await proc.logged(listening)

@@ -409,9 +409,9 @@ class ProxySite(Site):
         line: tuple[bytes, bytes] | None = None,
     ) -> None:
         """
-        Log a request refused before its body was read (it never reaches the
-        resource), with the id and body size of the answer it got.  Its
-        method and target are the channel's, or C{line} if given.
+        Log a request refused before it reached the resource (before or
+        while its body was read), with the id and body size of the answer it
+        got.  Its method and target are the channel's, or C{line} if given.
         """
         # Only the channel knows the request line yet (requestReceived, which
         # sets request.method and .uri, comes after the body).

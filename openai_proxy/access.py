@@ -28,6 +28,10 @@ def log_request(
     Log one finished (or abandoned) request.  C{path} must be given without
     its query string: queries may carry anything.  C{body} (the start of the
     request body) is logged only when given, which C{LOG_BODIES=1} asks for.
+
+    The text line ends with C{id=} and the request id (C{-} if none), so
+    that a request can be found by its C{X-Proxy-Request-Id} in either log
+    format; the text observer adds the body (see L{logs.LINE_FORMAT}).
     """
     method_text = method.decode("ascii", "replace")
     path_text = path.decode("ascii", "replace")
@@ -37,7 +41,7 @@ def log_request(
     # (logs.LINE_FORMAT).  The fields stay in the event for JSON output.
     event: dict[str, Any] = {
         "line": f"{method_text} {path_text} {status} {bytes_out}B "
-        f"{duration_ms:.1f}ms upstream={upstream}",
+        f"{duration_ms:.1f}ms upstream={upstream} id={request_id or '-'}",
         "method": method_text,
         "path": path_text,
         "status": status,

@@ -157,10 +157,13 @@ class ProxyApp(Service):
 
     def startService(self) -> None:
         super().startService()
+        # SIGHUP never ends the proxy: it re-reads KEYS_FILE, or is logged
+        # as having nothing to do.  It was held from start-up (see
+        # openai_proxy.tap): one sent meanwhile is handled now.
+        self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         if self.store is not None:
             self.store.start()
-        if self.registry is not None:
-            self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
         self.moderation.startService()
         self.drain.startService()
         if not self.readiness.is_ready:
@@ -176,7 +179,9 @@ class ProxyApp(Service):
         self._reactor.callFromThread(self._reload)
 
     def _reload(self) -> None:
-        if self.registry is not None:
+        if self.registry is None:
+            _log.info("SIGHUP: no KEYS_FILE, nothing to re-read")
+        else:
             self.registry.reload()
         for hook in self.on_sighup:
             hook()
@@ -184,9 +189,6 @@ class ProxyApp(Service):
     async def _stop(self) -> None:
         if self._probe.running:
             self._probe.stop()
-        if self._old_sighup is not None:
-            signal.signal(signal.SIGHUP, self._old_sighup)
-            self._old_sighup = None
         # In-flight streams may still need moderation: drain first.
         await self.drain.stopService()
         if self.store is not None:
@@ -203,6 +205,11 @@ class ProxyApp(Service):
             await self.store.stop()
         await self.moderation.stopService()
         await self.pool.closeCachedConnections()
+        # Only now: a SIGHUP while draining must not end the process.
+        old = self._old_sighup
+        if old is not None and signal.getsignal(signal.SIGHUP) == self._sighup:
+            signal.signal(signal.SIGHUP, old)
+        self._old_sighup = None
 
     def _moderation_call(self, backend: str, result: str, seconds: float) -> None:
         self.metrics.moderation_call(backend, result, seconds)

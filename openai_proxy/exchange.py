@@ -11,7 +11,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import ResponseFailed
 from twisted.web.server import Request
 
 from openai_proxy import errors
@@ -111,8 +111,16 @@ class Exchange:
 
 
 def upstream_error(failure: Failure) -> ProxyError:
-    """The error a client gets when the upstream request failed before headers."""
-    if isinstance(failure.value, ResponseNeverReceived):
+    """
+    The error a client gets when the upstream request failed before headers:
+    C{upstream_timeout} when none came in time, C{upstream_error} when the
+    upstream was reached but broke off or sent a head that cannot be read
+    (partial, malformed, oversized), C{upstream_unreachable} when it could
+    not be reached at all.
+    """
+    if isinstance(failure.value, ResponseFailed):
+        # Connected and sent (ResponseNeverReceived) or some of the head
+        # came back: either way the upstream was reached.
         reasons = failure.value.reasons
         if any(r.check(CancelledError) for r in reasons):
             return errors.UPSTREAM_TIMEOUT

@@ -271,6 +271,9 @@ _JSON_LOG_FIELDS: Final = ("log_time", "log_namespace", "log_format", "log_syste
 
 #: The format of events that carry their text ready-made in a C{line} field
 #: (the access log): formatted without Twisted's format-string machinery.
+#: The text observer appends such an event's C{request_body} field, if it
+#: has one, as C{ body=} and a JSON string (one line, whatever it holds);
+#: the JSON observer has it as a field of its own.
 LINE_FORMAT: Final = "{line}"
 
 
@@ -307,7 +310,8 @@ def _time_text(when: float | None) -> str:
 def _text_line(event: LogEvent) -> str | None:
     """
     The line Twisted's C{textFileLogObserver} writes for C{event}, byte for
-    byte; an access-log event is formatted without the generic machinery.
+    byte; an access-log event is formatted without the generic machinery,
+    and gets its C{request_body} appended (see L{LINE_FORMAT}).
     """
     if (
         event.get("log_format") == LINE_FORMAT
@@ -317,6 +321,9 @@ def _text_line(event: LogEvent) -> str | None:
         line = event.get("line")
         level = event.get("log_level")
         if type(line) is str and line and level is not None:
+            body = event.get("request_body")
+            if isinstance(body, str):
+                line = f"{line} body={_encode(body)}"
             namespace = event.get("log_namespace", "-")
             text = (
                 f"{_time_text(event.get('log_time'))} [{namespace}#{level.name}] {line}"

@@ -359,7 +359,8 @@ class Metrics:
 
         @param kind: one of L{UPSTREAM_ERROR_KINDS}: C{unreachable} (could not
             connect), C{timeout} (no headers in time, or the body went idle),
-            C{reset} (the connection broke mid-response).
+            C{reset} (reached, but the connection broke before or during the
+            response, or its head could not be read).
         @raise ValueError: for any other kind.
         """
         try:

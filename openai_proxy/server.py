@@ -7,11 +7,14 @@ of their body is read.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
@@ -37,6 +40,8 @@ Refused = Callable[[bytes, bytes, int], None]
 #: body before reading to see the answer, too little to cost anything.
 _DRAIN_LIMIT = 1_048_576
 
+_log = Logger()
+
 _REASONS = {
     400: b"Bad Request",
     401: b"Unauthorized",
@@ -45,24 +50,40 @@ _REASONS = {
     413: b"Content Too Large",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
+    507: b"Insufficient Storage",
 }
 
 
-def _raw_error(transport: Any, error: ProxyError, *, cors: bool) -> None:
-    # Written straight to the connection, which is closed after it: the
-    # request never reaches a resource.
+def _insufficient_storage() -> ProxyError:
+    """The 507 for a request body the proxy had no room to store."""
+    return ProxyError(
+        507,
+        "The proxy has no room to store the request body right now; try again later.",
+        "insufficient_storage",
+        "api_error",
+    )
+
+
+def _raw_error(transport: Any, error: ProxyError, *, cors: bool) -> tuple[str, int]:
+    """
+    Write C{error} straight to the connection, which is closed after it: the
+    request never reaches a resource.  Returns the response's request id and
+    the size of its body, for the access log.
+    """
     body = error.body()
+    request_id = new_request_id()
     reason = _REASONS.get(error.status, b"Error")
     head = [
         b"HTTP/1.1 %d %s" % (error.status, reason),
         b"Content-Type: " + errors.JSON_CONTENT_TYPE,
         b"Content-Length: %d" % len(body),
-        b"X-Proxy-Request-Id: " + new_request_id().encode("ascii"),
+        b"X-Proxy-Request-Id: " + request_id.encode("ascii"),
         b"Connection: close",
     ]
     if cors:
         head.append(b"Access-Control-Allow-Origin: *")
     transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+    return request_id, len(body)
 
 
 class ProxyRequest(Request):
@@ -72,7 +93,8 @@ class ProxyRequest(Request):
     written straight away, without a C{100 Continue}, the body is not
     stored, and the connection is closed; otherwise the resource answers it
     with L{early_error}.  A chunked body that passes C{max_body} is refused
-    with 413 the same way.
+    with 413 the same way, and a body that cannot be stored (the temporary
+    directory is full or unwritable) with 507.
 
     @ivar grant: what the early key check granted, so that the forwarder
         need not check again.
@@ -90,19 +112,29 @@ class ProxyRequest(Request):
         error = site.screen(self)
         if error is None and length is not None and length > site.max_body:
             error = errors.body_too_large(site.max_body)
-        if error is not None:
-            expecting = self.requestHeaders.getRawHeaders(b"expect")
-            # No "100 Continue": the client need not send the body at all.
+        if error is not None and length == 0:
+            # No "100 Continue" for it; the resource answers.
             self.requestHeaders.removeHeader(b"expect")
-            if length == 0:
-                self.early_error = error
-            else:
-                self._refuse(error)
-                if expecting:
-                    # It is waiting for our word before sending: nothing to drain.
-                    self.channel.loseConnection()
-                return
-        super().gotLength(length)
+            self.early_error = error
+        elif error is not None:
+            self._refuse_unread(error)
+            return
+        try:
+            # A body that may be large is spooled to a new temporary file.
+            super().gotLength(length)
+        except OSError as e:
+            site.spool_failed(e)
+            self._refuse_unread(_insufficient_storage())
+
+    def _refuse_unread(self, error: ProxyError) -> None:
+        # Before any of the body was read.
+        expecting = self.requestHeaders.getRawHeaders(b"expect")
+        # No "100 Continue": the client need not send the body at all.
+        self.requestHeaders.removeHeader(b"expect")
+        self._refuse(error)
+        if expecting:
+            # It is waiting for our word before sending: nothing to drain.
+            self.channel.loseConnection()
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
@@ -113,24 +145,58 @@ class ProxyRequest(Request):
         if self._received > self.channel.site.max_body:
             self._refuse(errors.body_too_large(self.channel.site.max_body))
             return
-        super().handleContentChunk(data)
+        try:
+            super().handleContentChunk(data)
+        except OSError as e:
+            self._no_room(e)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        content = self.content
+        if (
+            not self._refused
+            and content is not None
+            and not isinstance(content, BytesIO)
+        ):
+            # A spooled body's last writes may still sit in the file's
+            # buffer: their failure must be seen here, not as the resource
+            # reads a short body.
+            try:
+                content.flush()
+            except OSError as e:
+                # The channel has forgotten the request line by now.
+                self._no_room(e, line=(command, path))
+            else:
+                self.channel.site.spooled()
         if self._refused:
             self.channel.loseConnection()
             return
         super().requestReceived(command, path, version)
 
-    def _refuse(self, error: ProxyError) -> None:
+    def _no_room(
+        self, error: OSError, *, line: tuple[bytes, bytes] | None = None
+    ) -> None:
+        self.channel.site.spool_failed(error)
+        self._refuse(_insufficient_storage(), line=line)
+
+    def _refuse(
+        self, error: ProxyError, *, line: tuple[bytes, bytes] | None = None
+    ) -> None:
         self._refused = True
         self._received = 0
         if self.content is not None:
-            self.content.close()
+            # Closing flushes, which fails again on a full disk; the file is
+            # closed all the same.
+            with contextlib.suppress(OSError):
+                self.content.close()
             self.content = None
         site: ProxySite = self.channel.site
         self.channel.persistent = False
-        _raw_error(self.channel.transport, error, cors=site.allow_any_origin)
-        site.refused(self, error.status)
+        request_id, sent = _raw_error(
+            self.channel.transport, error, cors=site.allow_any_origin
+        )
+        site.refused(
+            self, error.status, request_id=request_id, bytes_out=sent, line=line
+        )
 
 
 class ProxyChannel(HTTPChannel):
@@ -233,12 +299,16 @@ class ProxyChannel(HTTPChannel):
         self._cancel_deadline()
         self._awaiting_head = False
         self.persistent = False
-        _raw_error(self.transport, error, cors=self.site.allow_any_origin)
+        request_id, sent = _raw_error(
+            self.transport, error, cors=self.site.allow_any_origin
+        )
         # Ignore whatever else it sends; close once the answer is out.
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         if self.transport is not None:
             self.transport.loseConnection()
-        self.site.refused_head(self, error.status)
+        self.site.refused_head(
+            self, error.status, request_id=request_id, bytes_out=sent
+        )
 
 
 class ProxySite(Site):
@@ -275,6 +345,7 @@ class ProxySite(Site):
         self.header_timeout = header_timeout
         self._authorize = authorize
         self._on_refused = on_refused
+        self._spool_failing = False
 
     def log(self, request: Any) -> None:
         pass
@@ -308,33 +379,80 @@ class ProxySite(Site):
             return e
         return None
 
-    def refused(self, request: ProxyRequest, status: int = 413) -> None:
-        """Log a request refused before its body was read: it never reaches the resource."""
+    def spool_failed(self, error: OSError) -> None:
+        """
+        Say that a request body could not be stored: logged once, not again
+        until a body has been stored since (L{spooled}), however many
+        uploads fail meanwhile.
+        """
+        if not self._spool_failing:
+            self._spool_failing = True
+            _log.error(
+                "cannot store request bodies in the temporary directory "
+                "({error}); answering 507 until it has room",
+                error=str(error),
+            )
+
+    def spooled(self) -> None:
+        """Say that a request body was stored in a temporary file."""
+        if self._spool_failing:
+            self._spool_failing = False
+            _log.info("request bodies can be stored again")
+
+    def refused(
+        self,
+        request: ProxyRequest,
+        status: int = 413,
+        *,
+        request_id: str | None = None,
+        bytes_out: int = 0,
+        line: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        """
+        Log a request refused before it reached the resource (before or
+        while its body was read), with the id and body size of the answer it
+        got.  Its method and target are the channel's, or C{line} if given.
+        """
         # Only the channel knows the request line yet (requestReceived, which
         # sets request.method and .uri, comes after the body).
         channel = request.channel
         method: bytes = getattr(channel, "_command", b"-")
-        path: bytes = getattr(channel, "_path", b"-").split(b"?", 1)[0]
+        target: bytes = getattr(channel, "_path", b"-")
+        if line is not None:
+            method, target = line
+        path = target.split(b"?", 1)[0]
         log_request(
             method=method,
             path=path,
             status=status,
-            bytes_out=0,
+            bytes_out=bytes_out,
             duration=0.0,
             upstream=None,
+            request_id=request_id,
         )
         if self._on_refused is not None:
             self._on_refused(method, path, status)
 
-    def refused_head(self, channel: ProxyChannel, status: int) -> None:
-        """Log a connection refused before its request's headers were complete."""
+    def refused_head(
+        self,
+        channel: ProxyChannel,
+        status: int,
+        *,
+        request_id: str | None = None,
+        bytes_out: int = 0,
+    ) -> None:
+        """
+        Log a connection refused before its request's headers were complete,
+        with the id and body size of the answer it got.
+        """
         log_request(
             method=b"-",
             path=b"-",
             status=status,
-            bytes_out=0,
+            bytes_out=bytes_out,
             duration=0.0,
             upstream=None,
+            request_id=request_id,
         )
         if self._on_refused is not None:
             self._on_refused(b"-", b"", status)

@@ -1,8 +1,19 @@
 """
 The C{twistd openai-proxy} command: options, and the service they make.
+
+Importing this module blocks C{SIGHUP} in the importing thread, until the
+application handles it (L{openai_proxy.app.ProxyApp.startService} unblocks
+it): a SIGHUP sent while the proxy starts waits, and is handled then,
+instead of ending the process by the signal's default action.
 """
 
 from __future__ import annotations
+
+import signal
+
+# First of all: twistd imports this module before any other of the proxy's,
+# and the imports below take a tenth of a second or more.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 
 import os
 import shutil
@@ -93,7 +104,11 @@ ENVIRONMENT_ONLY: tuple[tuple[str, str, str], ...] = (
     ("TENCENT_CLOUD_SID", "none", "Tencent Cloud SecretId (with _SKEY)."),
     ("TENCENT_CLOUD_SKEY", "none", "Tencent Cloud SecretKey (with _SID)."),
     ("METRICS_KEY", "none", "Bearer token required on /metrics."),
-    ("LOG_BODIES", "0", "1: log the first 4096 bytes of request bodies."),
+    (
+        "LOG_BODIES",
+        "0",
+        "1: log the first 4096 bytes of request bodies (text or JSON).",
+    ),
     ("ADMIN_KEY", "none", "Bearer token for GET /usage (off without it)."),
     ("REDIS_URL", "none", "redis://, rediss:// or unix:// for shared limits."),
 )

@@ -21,7 +21,8 @@ Lifecycle:
    (C{PR_SET_PDEATHSIG});
  - L{WorkersService.signal_children} passes a signal on (the application
    does so with C{SIGHUP}, so one C{kill -HUP} re-reads the keys file in
-   every process); a child ignores C{SIGHUP} until its application handles it.
+   every process); a child is started with C{SIGHUP} blocked, so one that
+   comes before its application handles it waits instead of killing it.
 
 Only plain C{tcp:} descriptions can be shared; asking for more than one
 worker with any other raises L{ConfigError}.
@@ -298,13 +299,21 @@ class WorkersService(Service):
         for i, sock in enumerate(self._sockets[index]):
             child_fds[_FIRST_FD + i] = sock.fileno()
         child = _Child(self, index, time.monotonic())
-        self._reactor.spawnProcess(
-            child,
-            sys.executable,
-            [sys.executable, *CHILD_ARGV],
-            env=dict(os.environ),
-            childFDs=child_fds,
-        )
+        # The child is born with SIGHUP blocked (a signal mask survives
+        # exec; an ignored signal would not, Twisted resets it): a SIGHUP
+        # passed on while it starts waits for its application's handler
+        # instead of killing it.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self._reactor.spawnProcess(
+                child,
+                sys.executable,
+                [sys.executable, *CHILD_ARGV],
+                env=dict(os.environ),
+                childFDs=child_fds,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         # Kept open: end-of-file on it tells the child its parent is gone.
         child.transport.writeToChild(0, self._payload)  # type: ignore[union-attr]
         self._procs[index] = child
@@ -491,8 +500,9 @@ def child_main() -> None:
     """
     global _inherited
     # The parent passes SIGHUP on (to re-read the keys file): until the
-    # application sets its own handler, one must not end this worker.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # application handles it (and unblocks it), one must not end this
+    # worker.  The parent spawned it blocked already; this keeps it so.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     size = struct.unpack(">I", _read_exactly(0, 4))[0]
     spec: _Spec = pickle.loads(_read_exactly(0, size))
     _die_with_parent(spec.parent_pid)

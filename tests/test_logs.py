@@ -360,7 +360,8 @@ class AccessLineTests(_Isolated):
         self.assertEqual(ours.getvalue(), theirs.getvalue())
         self.assertEqual(
             json.loads(ours.getvalue())["log_text"],
-            "POST /v1/chat/completions 200 1032B 1.2ms upstream=api.openai.com",
+            "POST /v1/chat/completions 200 1032B 1.2ms upstream=api.openai.com"
+            " id=0123456789abcdef",
         )
 
     def test_json_line_matches_json_dumps(self) -> None:

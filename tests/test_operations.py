@@ -695,11 +695,17 @@ async def start_twistd(
     *,
     twistd_options: tuple[str, ...] = ("--pidfile=",),
     workdir: str | None = None,
+    twistd: tuple[str, ...] = tuple(TWISTD),
+    proto: Twistd | None = None,
 ) -> tuple[Twistd, int]:
-    """Start the proxy in a child process on a free port; return it and the port."""
-    proto = Twistd()
+    """
+    Start the proxy in a child process on a free port; return it and the
+    port.  C{twistd} is the command that runs twistd; C{proto}, if given, is
+    the process protocol used (to watch the start itself).
+    """
+    proto = Twistd() if proto is None else proto
     args = [
-        *TWISTD,
+        *twistd,
         "-n",
         *twistd_options,
         "openai-proxy",

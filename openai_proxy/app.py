@@ -138,9 +138,11 @@ class ProxyApp(Service):
         if short:
             # Never the keys themselves: how many, and what to do.
             _log.warn(
-                "{count} of the proxy keys (PROXY_KEY) are shorter than {length} "
+                "{count} {keys} (PROXY_KEY) {verb} shorter than {length} "
                 "characters and easy to guess; use long random keys",
                 count=short,
+                keys="proxy key" if short == 1 else "proxy keys",
+                verb="is" if short == 1 else "are",
                 length=SHORT_KEY,
             )
         logs.register_secrets(

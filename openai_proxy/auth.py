@@ -60,6 +60,17 @@ def split_token(token: str, *, server_keys: bool) -> Token:
     return Token(token, None)
 
 
+def _missing_proxy_key() -> errors.ProxyError:
+    # A token without its proxy half is a client that does not know the
+    # format, not one guessing keys: show it the format.
+    return errors.ProxyError(
+        401,
+        "No proxy key: this proxy needs "
+        "'Authorization: Bearer <openai-key>:<proxy-key>'.",
+        "missing_proxy_key",
+    )
+
+
 def _matches_any(candidate: str, accepted: Sequence[bytes]) -> bool:
     # Compare against every key, without stopping early, so the time taken
     # says nothing about which key (or how much of one) matched.
@@ -110,8 +121,9 @@ class KeyPolicy:
         The key to send upstream for a request with this C{Authorization}
         header value.
 
-        @raise errors.ProxyError: 401 with no token or no key for upstream,
-            403 with a proxy key that is not accepted.
+        @raise errors.ProxyError: 401 with no token, no key for upstream or
+            no proxy key where one is needed, 403 with a proxy key that is
+            not accepted.
         """
         return self.authorize(authorization).upstream_key
 
@@ -128,7 +140,9 @@ class KeyPolicy:
         parts = split_token(token, server_keys=self._server_keys)
         named = None
         if self._proxy_keys or self._registry is not None:
-            presented = parts.proxy_key or ""
+            if parts.proxy_key is None:
+                raise _missing_proxy_key()
+            presented = parts.proxy_key
             # Both lookups always run, so the time taken does not say which
             # kind of key (if any) matched.
             plain = bool(self._proxy_keys) and _matches_any(presented, self._proxy_keys)

@@ -18,6 +18,7 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 import os
 import shutil
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -170,7 +171,7 @@ class Options(usage.Options):
         self["route"] = []
 
     def opt_listen(self, description: str) -> None:
-        """Listen on this endpoint description (repeatable); tcp: ones get backlog=1024 unless they set one. [PORT, default tcp:9000]"""
+        """Listen on this endpoint description (repeatable); tcp: ones get backlog=1024 unless they set one, and PORT=N means tcp:N:backlog=1024. [PORT, default tcp:9000]"""
         self["listen"].append(description)
 
     def opt_route(self, route: str) -> None:
@@ -184,9 +185,16 @@ class Options(usage.Options):
 
     def getUsage(self, width: int | None = None) -> str:
         lines = ["", "Settings with no option, from the environment only:"]
-        lines += [
-            f"  {_doc(doc, env, default)}" for env, default, doc in ENVIRONMENT_ONLY
-        ]
+        column = 4 + max(len(env) for env, _, _ in ENVIRONMENT_ONLY)
+        for env, default, doc in ENVIRONMENT_ONLY:
+            # The variable first, as each option line starts with its option.
+            lines += textwrap.wrap(
+                _doc(doc, env, default),
+                width=(width or 80) - 1,
+                initial_indent=f"  {env:<{column - 2}}",
+                subsequent_indent=" " * column,
+                break_on_hyphens=False,
+            )
         return super().getUsage(width) + "\n".join(lines) + "\n"
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:

@@ -67,6 +67,22 @@ class KeyPolicyTests(TestCase):
             policy.upstream_key(b"Bearer sk:pk2")
         self.assertEqual(e.exception.status, 403)
 
+    def test_token_without_its_proxy_half_is_told_the_proxy_key_is_missing(
+        self,
+    ) -> None:
+        # No server keys: a token without a colon is the upstream key alone.
+        policy = KeyPolicy(["the-proxy-key-0001"], [])
+        for header in (
+            b"Bearer not-an-openai-key",
+            b"Bearer sk-abc",
+            b"Bearer sk-abc:",
+        ):
+            with self.assertRaises(errors.ProxyError) as e:
+                policy.upstream_key(header)
+            self.assertEqual(e.exception.status, 401)
+            self.assertEqual(e.exception.code, "missing_proxy_key")
+            self.assertIn("<openai-key>:<proxy-key>", e.exception.message)
+
     def test_server_keys_rotate(self) -> None:
         policy = KeyPolicy(["pk"], ["a", "b", "c"])
         got = [policy.upstream_key(b"Bearer pk") for _ in range(4)]

@@ -116,6 +116,16 @@ class CommandLineTests(TestCase):
         options = len(re.findall(r"^\s+--", run.stdout, re.M)) - 2
         self.assertEqual(len(brackets), options + len(ENVIRONMENT_ONLY))
 
+    def test_environment_only_lines_start_with_the_variable(self) -> None:
+        run = self.help()
+        tail = run.stdout.split("from the environment only:", 1)[1]
+        starts = [line.split()[0] for line in tail.splitlines() if line[2:3].strip()]
+        self.assertEqual(starts, [env for env, _, _ in ENVIRONMENT_ONLY])
+
+    def test_help_says_what_a_bare_port_number_listens_on(self) -> None:
+        text = " ".join(self.help().stdout.split())
+        self.assertIn("PORT=N means tcp:N:backlog=1024", text)
+
     def test_version_is_the_packages_own(self) -> None:
         run = self.run_twistd("openai-proxy", "--version")
         self.assertEqual(run.returncode, 0, run.stderr)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import threading
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -18,6 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from openai_proxy import bodies, logs
+from openai_proxy.app import SHORT_KEY
 from tests.fake_upstream import Script, chat_completion, chat_stream
 from tests.harness import AUTH, JSON, ModeratedRelayTestCase, Proxy, RelayTestCase
 from tests.rawhttp import Collector, connect, raw_request
@@ -588,10 +591,26 @@ class ShortProxyKeyTests(TestCase):
         proxy = Proxy(self, env)
         warnings = [line for line in lines if "shorter than 16" in line]
         self.assertEqual(len(warnings), 1)
-        self.assertIn("1 of the proxy keys", warnings[0])
+        self.assertIn("1 proxy key (PROXY_KEY) is shorter than 16", warnings[0])
         self.assertNotIn("abc", warnings[0])
         self.assertEqual(logs.redact_text("key: abc."), "key: [REDACTED].")
         self.assertIsNotNone(proxy.url)
+
+    async def test_several_short_keys_are_counted_in_plain_words(self) -> None:
+        lines = capture_logs(self)
+        Proxy(self, {"PROXY_KEY": "abc,defgh", "OPENAI_KEY": "sk-s-1234567"})
+        warnings = [line for line in lines if "shorter than 16" in line]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("2 proxy keys (PROXY_KEY) are shorter than 16", warnings[0])
+
+    def test_readme_examples_use_keys_that_are_not_warned_about(self) -> None:
+        # An example that draws the warning teaches readers to ignore it.
+        readme = (Path(__file__).parent.parent / "README.md").read_text("utf-8")
+        examples = re.findall(r"PROXY_KEY=([^\s.`'\\]+)", readme)
+        examples += re.findall(r"sk-your-openai-key:([^\s\"'`]+)", readme)
+        examples += re.findall(r'api_key="([^":]+)"', readme)
+        self.assertNotEqual(examples, [])
+        self.assertEqual([key for key in examples if len(key) < SHORT_KEY], [])
 
 
 class ModeratedBodyLimitTests(ModeratedRelayTestCase, _ScrapingTest):

@@ -277,10 +277,22 @@ class KeyTests(TestCase):
 
     async def test_wrong_proxy_key_is_403(self) -> None:
         fake, proxy = await self._proxy({"PROXY_KEY": "pk-1,pk-2"})
-        for token in ["Bearer sk-client:pk-3", "Bearer sk-client", "Bearer sk-client:"]:
+        code, body = await self._get(proxy, "Bearer sk-client:pk-3")
+        self.assertEqual(code, 403)
+        self.assertEqual(_error(body)["type"], "permission_error")
+        self.assertEqual(fake.received, [])
+
+    async def test_token_without_a_proxy_key_is_told_it_is_missing(self) -> None:
+        fake, proxy = await self._proxy({"PROXY_KEY": "pk-1,pk-2"})
+        for token in [
+            "Bearer sk-client",
+            "Bearer not-an-openai-key",
+            "Bearer sk-client:",
+        ]:
             code, body = await self._get(proxy, token)
-            self.assertEqual(code, 403, token)
-            self.assertEqual(_error(body)["type"], "permission_error")
+            self.assertEqual(code, 401, token)
+            self.assertEqual(_error(body)["code"], "missing_proxy_key", token)
+            self.assertIn("<openai-key>:<proxy-key>", _error(body)["message"])
         self.assertEqual(fake.received, [])
 
     async def test_upstream_and_proxy_key_split_at_first_colon(self) -> None:

@@ -16,7 +16,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from openai_proxy import logs
-from openai_proxy.accounting import Accounting, UsagePage
+from openai_proxy.accounting import Accounting
 from openai_proxy.auth import KeyPolicy
 from openai_proxy.config import Config
 from openai_proxy.drain import DrainService, Readiness
@@ -28,6 +28,7 @@ from openai_proxy.moderation import Moderation
 from openai_proxy.resource import ProxyResource
 from openai_proxy.server import ProxySite
 from openai_proxy.upstream import make_client, make_pool
+from openai_proxy.usagepage import UsagePage, describe_store
 
 _PROBE_INTERVAL = 5.0  # seconds between attempts to reach the moderation backend
 #: Proxy keys shorter than this are warned about at start-up.
@@ -102,7 +103,11 @@ class ProxyApp(Service):
         usage_page = None
         if registry is not None:
             usage_page = UsagePage(
-                config.admin_key, self.limiter, lambda: registry.names
+                config.admin_key,
+                self.limiter,
+                lambda: registry.keys,
+                self.key_pool,
+                describe_store(config.redis_url, config.workers),
             )
         self._old_sighup: Any = None
         self._reactor = reactor

@@ -36,6 +36,7 @@ th, td { padding: 6px 10px; border-bottom: 1px solid #e4e4e4; text-align: right;
   white-space: nowrap; vertical-align: top; }
 th { background: #f0f0f0; font-weight: 600; }
 th[scope=row], td.text, th.text { text-align: left; }
+tbody th[scope=row] { position: sticky; left: 0; background: #fff; }
 thead th { position: sticky; top: 0; }
 .state { font-size: .85em; padding: 1px 7px; border-radius: 9px; }
 .active { background: #d8f0de; color: #14532d; }
@@ -53,6 +54,21 @@ summary { cursor: pointer; color: #0b57d0; }
 @media (max-width: 600px) {
   body { padding: 8px 8px 30px; font-size: 14px; }
   th, td { padding: 5px 6px; }
+  /* Each key's row becomes a card: label, then value, line by line. */
+  table.keys, table.keys tbody, table.keys tr, table.keys th, table.keys td {
+    display: block; width: auto; }
+  table.keys thead { position: absolute; left: -9999px; }
+  table.keys tr { border: 1px solid #ddd; border-radius: 8px; margin: 0 0 10px;
+    background: #fff; }
+  table.keys tbody th[scope=row] { position: static; font-size: 1.05em; }
+  table.keys td { display: flex; justify-content: space-between; gap: 12px;
+    text-align: right; white-space: normal; }
+  table.keys td::before { content: attr(data-label); font-weight: 600;
+    text-align: left; color: #444; }
+  /* Scrolled to the newest bars at first (right to left), drawn left to right. */
+  .chartbox { overflow-x: auto; direction: rtl; }
+  .chartbox svg.chart { direction: ltr; }
+  .chartbox svg.chart { min-width: 620px; }
 }
 """
 
@@ -155,16 +171,11 @@ def _keys_table(
     head = (
         "<tr>"
         '<th scope="col" class="text">Key</th>'
-        '<th scope="col" class="text">State</th>'
-        '<th scope="col">Requests this minute / rpm</th>'
-        '<th scope="col">Tokens this minute / tpm</th>'
-        '<th scope="col">In flight / concurrency</th>'
-        '<th scope="col">Requests today</th>'
-        '<th scope="col">Tokens today<br><span class="small">prompt + completion</span></th>'
-        '<th scope="col">Requests this month</th>'
-        '<th scope="col">Tokens this month<br><span class="small">prompt + completion</span></th>'
-        '<th scope="col">Refused today<br><span class="small">rpm · tpm · concurrency</span></th>'
-        '<th scope="col">Refused this month<br><span class="small">rpm · tpm · concurrency</span></th>'
+        '<th scope="col">Requests<br><span class="small">this minute / rpm</span></th>'
+        '<th scope="col">Tokens<br><span class="small">this minute / tpm</span></th>'
+        '<th scope="col">In flight<br><span class="small">now / concurrency</span></th>'
+        '<th scope="col">Today</th>'
+        '<th scope="col">This month</th>'
         "</tr>"
     )
     rows = []
@@ -172,49 +183,73 @@ def _keys_table(
         key = by_name.get(name)
         state = _state(key, now)
         cells = [
-            f'<th scope="row" class="text">{escape(name)}</th>',
-            f'<td class="text"><span class="state {state}">{state}</span></td>',
+            f'<th scope="row" class="text">{escape(name)}<br>'
+            f'<span class="state {state}">{state}</span></th>'
         ]
-        if report is None:
-            current = None
-        else:
-            current = report.current.get(name)
+        current = None if report is None else report.current.get(name)
         cells += _now_cells(key, current)
-        for counts in (
-            (report.today if report else {}).get(name, {}),
-            (report.this_month if report else {}).get(name, {}),
-        ):
-            cells.append(f"<td>{_count(report, counts, 'requests')}</td>")
-            cells.append(f"<td>{_tokens(report, counts)}</td>")
-        for counts in (
-            (report.today if report else {}).get(name, {}),
-            (report.this_month if report else {}).get(name, {}),
-        ):
-            cells.append(f"<td>{_refused(report, counts)}</td>")
+        if report is None:
+            cells += [_td("Today", "–"), _td("This month", "–")]
+        else:
+            cells.append(_td("Today", _period(report.today.get(name, {}))))
+            cells.append(_td("This month", _period(report.this_month.get(name, {}))))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (
-        '<div class="scroll"><table><caption class="small" style="text-align:left">'
-        "Per named key: limits, what is used now, and totals (UTC)</caption>"
+        '<div class="scroll"><table class="keys">'
         f"<thead>{head}</thead><tbody>{''.join(rows)}</tbody></table></div>"
     )
 
 
+def _period(counts: dict[str, int]) -> str:
+    requests = counts.get("requests", 0)
+    prompt = counts.get("prompt_tokens", 0)
+    completion = counts.get("completion_tokens", 0)
+    lines = [
+        f"{requests:,} requests",
+        f"{prompt + completion:,} tokens",
+        f'<span class="small">{prompt:,} prompt + {completion:,} completion</span>',
+    ]
+    refused = [
+        f"{counts.get('refused_' + limit, 0):,} by {_LIMIT_NAMES[limit]}"
+        for limit in REFUSALS
+        if counts.get("refused_" + limit, 0)
+    ]
+    if refused:
+        lines.append(f'<span class="near">refused: {", ".join(refused)}</span>')
+    return "<br>".join(lines)
+
+
+_LIMIT_NAMES = {"requests": "rpm", "tokens": "tpm", "concurrency": "concurrency"}
+
+
 def _now_cells(key: NamedKey | None, current: Current | None) -> list[str]:
     if key is None:
-        return ["<td>–</td>"] * 3
+        return [_td(label, "–") for label in _NOW_LABELS]
     if current is None:
         return [
-            f"<td>{_limit_only(key.rpm)}</td>",
-            f"<td>{_limit_only(key.tpm)}</td>",
-            f"<td>{_limit_only(key.concurrency)}</td>",
+            _td(_NOW_LABELS[0], _limit_only(key.rpm)),
+            _td(_NOW_LABELS[1], _limit_only(key.tpm)),
+            _td(_NOW_LABELS[2], _limit_only(key.concurrency)),
         ]
     # Windows are kept only for a key with that limit: without one, the
     # minute's figure is not known and the cell says there is no limit.
     return [
-        f"<td>{_used(current.requests, key.rpm)}</td>",
-        f"<td>{_used(current.tokens, key.tpm)}</td>",
-        f"<td>{_in_flight(current.in_flight, key.concurrency)}</td>",
+        _td(_NOW_LABELS[0], _used(current.requests, key.rpm)),
+        _td(_NOW_LABELS[1], _used(current.tokens, key.tpm)),
+        _td(_NOW_LABELS[2], _in_flight(current.in_flight, key.concurrency)),
     ]
+
+
+_NOW_LABELS = (
+    "Requests this minute",
+    "Tokens this minute",
+    "In flight",
+)
+
+
+def _td(label: str, content: str) -> str:
+    # The label is shown before the value where rows become cards (phones).
+    return f'<td data-label="{escape(label)}"><span>{content}</span></td>'
 
 
 def _in_flight(count: int, limit: int | None) -> str:
@@ -225,29 +260,6 @@ def _in_flight(count: int, limit: int | None) -> str:
 
 def _limit_only(limit: int | None) -> str:
     return '<span class="small">no limit</span>' if limit is None else f"? / {limit:,}"
-
-
-def _count(report: Report | None, counts: dict[str, int], what: str) -> str:
-    return "–" if report is None else f"{counts.get(what, 0):,}"
-
-
-def _tokens(report: Report | None, counts: dict[str, int]) -> str:
-    if report is None:
-        return "–"
-    prompt = counts.get("prompt_tokens", 0)
-    completion = counts.get("completion_tokens", 0)
-    return (
-        f"{prompt + completion:,}<br>"
-        f'<span class="small">{prompt:,} + {completion:,}</span>'
-    )
-
-
-def _refused(report: Report | None, counts: dict[str, int]) -> str:
-    if report is None:
-        return "–"
-    values = [counts.get("refused_" + limit, 0) for limit in REFUSALS]
-    text = " · ".join(f"{v:,}" for v in values)
-    return f'<span class="near">{text}</span>' if any(values) else text
 
 
 def _charts(names: Sequence[str], report: Report, now: float) -> str:
@@ -274,20 +286,24 @@ def _charts(names: Sequence[str], report: Report, now: float) -> str:
         [
             "<h2>Tokens per hour, last 48 hours (UTC)</h2>",
             legend,
+            '<div class="chartbox">',
             stacked_bars(
                 "Tokens per hour over the last 48 hours, stacked by key",
                 hour_labels,
                 hour_series,
                 label_every=6,
             ),
+            "</div>",
             _numbers_table("Tokens per hour", "Hour (UTC)", hour_labels, hour_series),
             f"<h2>Tokens per day, {escape(report.month)}</h2>",
             legend,
+            '<div class="chartbox">',
             stacked_bars(
                 f"Tokens per day in {report.month}, stacked by key",
                 day_labels,
                 day_series,
             ),
+            "</div>",
             _numbers_table("Tokens per day", "Day (UTC)", day_labels, day_series),
         ]
     )

@@ -259,7 +259,7 @@ def _in_flight(count: int, limit: int | None) -> str:
 
 
 def _limit_only(limit: int | None) -> str:
-    return '<span class="small">no limit</span>' if limit is None else f"? / {limit:,}"
+    return '<span class="small">no limit</span>' if limit is None else f"– / {limit:,}"
 
 
 def _charts(names: Sequence[str], report: Report, now: float) -> str:

@@ -104,11 +104,11 @@ def stacked_bars(
 
 
 def _nice_top(peak: int) -> int:
-    # The axis' top: 1, 2, 4, 6 or 8 times a power of ten (at least 4), at
-    # or above the peak, so the gridlines at quarters fall on round numbers.
+    # The axis' top: 1, 2, 4 or 8 times a power of ten (at least 4), at or
+    # above the peak, so the gridlines at quarters fall on round numbers.
     magnitude = 1
     while True:
-        for factor in (1, 2, 4, 6, 8):
+        for factor in (1, 2, 4, 8):
             if magnitude * factor >= max(peak, 4):
                 return magnitude * factor
         magnitude *= 10

@@ -205,8 +205,8 @@ def _period(counts: dict[str, int]) -> str:
     prompt = counts.get("prompt_tokens", 0)
     completion = counts.get("completion_tokens", 0)
     lines = [
-        f"{requests:,} requests",
-        f"{prompt + completion:,} tokens",
+        _plural(requests, "request"),
+        _plural(prompt + completion, "token"),
         f'<span class="small">{prompt:,} prompt + {completion:,} completion</span>',
     ]
     refused = [
@@ -217,6 +217,10 @@ def _period(counts: dict[str, int]) -> str:
     if refused:
         lines.append(f'<span class="near">refused: {", ".join(refused)}</span>')
     return "<br>".join(lines)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 _LIMIT_NAMES = {"requests": "rpm", "tokens": "tpm", "concurrency": "concurrency"}

@@ -6,20 +6,15 @@ upstream, its tokens counted from the reply and charged when it ends.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import itertools
-import json
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from openai_proxy.auth import bearer_token
-from openai_proxy.errors import JSON_CONTENT_TYPE, ProxyError, write_error
+from openai_proxy.errors import ProxyError
 from openai_proxy.keys import NamedKey
 from openai_proxy.limits import (
     Decision,
@@ -184,65 +179,3 @@ class Account:
         if not self._closed:
             self._closed = True
             self._accounting._settle(self)
-
-
-_ADMIN_ONLY = ProxyError(
-    401,
-    "Send 'Authorization: Bearer <ADMIN_KEY>' to read usage.",
-    "invalid_api_key",
-)
-_NO_ADMIN_KEY = ProxyError(
-    404,
-    "Usage is not served: this proxy has no ADMIN_KEY.",
-    "not_found",
-)
-
-
-class UsagePage:
-    """
-    C{GET /usage}: per-key counts for today and this month (UTC) as JSON,
-    for a request bearing the admin key.
-    """
-
-    def __init__(
-        self,
-        admin_key: str | None,
-        limiter: Limiter,
-        names: Callable[[], Sequence[str]],
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._expected = (
-            None if admin_key is None else _digest(admin_key.encode("utf-8"))
-        )
-        self._limiter = limiter
-        self._names = names
-        self._clock = clock
-
-    async def render(self, request: Request) -> None:
-        """Answer C{request} and finish it."""
-        if self._expected is None:
-            write_error(request, _NO_ADMIN_KEY)
-            return
-        token = bearer_token(request.getHeader(b"authorization")) or ""
-        if not hmac.compare_digest(_digest(token.encode("utf-8")), self._expected):
-            write_error(request, _ADMIN_ONLY)
-            return
-        try:
-            report = await self._limiter.report(self._clock())
-        except LimitsUnavailable:
-            write_error(request, LIMITS_UNAVAILABLE)
-            return
-        names = list(self._names())
-        names += sorted(set(report.this_month) - set(names))
-        body = json.dumps(report.as_json(names)).encode("utf-8")
-        request.setHeader(b"content-type", JSON_CONTENT_TYPE)
-        request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(b"content-length", b"%d" % len(body))
-        if request.method != b"HEAD":
-            request.write(body)
-        request.finish()
-
-
-def _digest(value: bytes) -> bytes:
-    # Fixed-length digests keep even the key's length out of the timing.
-    return hashlib.sha256(value).digest()

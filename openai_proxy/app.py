@@ -17,7 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from openai_proxy import logs
-from openai_proxy.accounting import Accounting, UsagePage
+from openai_proxy.accounting import Accounting
 from openai_proxy.auth import KeyPolicy
 from openai_proxy.config import Config
 from openai_proxy.drain import DrainService, Readiness
@@ -29,6 +29,7 @@ from openai_proxy.moderation import Moderation
 from openai_proxy.resource import ProxyResource
 from openai_proxy.server import ProxySite
 from openai_proxy.upstream import make_client, make_pool
+from openai_proxy.usagepage import UsagePage, describe_store
 
 _PROBE_INTERVAL = 5.0  # seconds between attempts to reach the moderation backend
 _SETTLE_WAIT = 2.0  # seconds a stop waits for the requests cut off to settle
@@ -104,7 +105,11 @@ class ProxyApp(Service):
         usage_page = None
         if registry is not None:
             usage_page = UsagePage(
-                config.admin_key, self.limiter, lambda: registry.names
+                config.admin_key,
+                self.limiter,
+                lambda: registry.keys,
+                self.key_pool,
+                describe_store(config.redis_url, config.workers),
             )
         self._old_sighup: Any = None
         self._reactor = reactor

@@ -80,6 +80,10 @@ class KeyPool:
         if 0 <= index < len(self._benched_until):
             self._benched_until[index] = max(self._benched_until[index], until)
 
+    def bench_ends(self) -> tuple[float, ...]:
+        """When each key's bench ends, by index (in the past: not benched)."""
+        return tuple(self._benched_until)
+
     def benched(self, index: int) -> bool:
         """Whether key C{index} is benched now."""
         return self._benched_until[index] > self._clock()

@@ -16,13 +16,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
 from openai_proxy.errors import ProxyError
 from openai_proxy.keys import NamedKey
+from openai_proxy.usagereport import HOURS_KEPT_DAYS, Current, Report
 
 #: Seconds a window spans.
 WINDOW = 60
@@ -30,7 +30,6 @@ WINDOW = 60
 CONCURRENCY_RETRY = 1.0
 #: The C{limit} label values of C{openai_proxy_rate_limited_total}.
 LIMIT_KINDS = ("requests", "tokens", "concurrency")
-COUNTS = ("requests", "prompt_tokens", "completion_tokens")
 
 
 class Decision(NamedTuple):
@@ -63,32 +62,6 @@ class Usage(NamedTuple):
     completion: int = 0
 
 
-@dataclass
-class Report:
-    """Usage counts per key for one day and one month (UTC)."""
-
-    day: str
-    month: str
-    today: dict[str, dict[str, int]] = field(default_factory=dict)
-    this_month: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def as_json(self, names: Sequence[str]) -> dict[str, object]:
-        """The C{GET /usage} document, listing every name in C{names}."""
-        keys = {}
-        for name in names:
-            keys[name] = {
-                "today": _with_total(self.today.get(name, {})),
-                "month": _with_total(self.this_month.get(name, {})),
-            }
-        return {"day": self.day, "month": self.month, "keys": keys}
-
-
-def _with_total(counts: dict[str, int]) -> dict[str, int]:
-    out = {name: int(counts.get(name, 0)) for name in COUNTS}
-    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
-    return out
-
-
 class LimitsUnavailable(Exception):
     """The shared store could not be asked (Redis down)."""
 
@@ -106,8 +79,11 @@ class Limiter(Protocol):
     def settle(self, key: NamedKey, ticket: str, usage: Usage | None) -> None:
         """An admitted request ended: free its slot, charge its tokens."""
 
-    def report(self, now: float) -> Deferred[Report]:
-        """Usage counts for the day and month of C{now}."""
+    def report(self, now: float, names: Sequence[str] = ()) -> Deferred[Report]:
+        """
+        Usage counts for the day and month of C{now}, with what each key of
+        C{names} uses now.
+        """
 
 
 def periods(now: float) -> tuple[str, str]:
@@ -138,6 +114,7 @@ def format_reset(seconds: float) -> str:
 
 
 _ONE_REQUEST = (("requests", 1),)
+_REFUSED = {kind: (("refused_" + kind, 1),) for kind in LIMIT_KINDS}
 
 
 _REQUESTS_HEADERS = (
@@ -268,6 +245,10 @@ class LocalLimiter:
         self._usage: dict[str, dict[str, dict[str, int]]] = {}
         # Per key name: the periods() pair last seen, and its count dicts.
         self._counts: dict[str, tuple[tuple[str, str], tuple[dict[str, int], ...]]] = {}
+        # Per key name: tokens per hour number; hours older than
+        # HOURS_KEPT_DAYS are dropped when a new hour begins.
+        self._hours: dict[str, dict[int, int]] = {}
+        self._hour = 0
 
     def admit(self, key: NamedKey, ticket: str) -> Deferred[Decision]:
         return succeed(self.decide(key))
@@ -293,6 +274,8 @@ class LocalLimiter:
                 requests.add(now, 1)
             state.in_flight += 1
             self._count(key.name, now, _ONE_REQUEST)
+        if denied is not None:
+            self._count(key.name, now, _REFUSED[denied])
         return Decision(
             denied,
             retry,
@@ -318,6 +301,21 @@ class LocalLimiter:
             now,
             (("prompt_tokens", usage.prompt), ("completion_tokens", usage.completion)),
         )
+        if spent > 0:
+            self._count_hour(key.name, now, spent)
+
+    def _count_hour(self, name: str, now: float, tokens: int) -> None:
+        hour = int(now) // 3600
+        if hour != self._hour:
+            self._hour = hour
+            oldest = hour - HOURS_KEPT_DAYS * 24
+            for kept in self._hours.values():
+                for old in [h for h in kept if h < oldest]:
+                    del kept[old]
+        hours = self._hours.get(name)
+        if hours is None:
+            hours = self._hours[name] = {}
+        hours[hour] = hours.get(hour, 0) + tokens
 
     def _count(
         self, name: str, now: float, amounts: tuple[tuple[str, int], ...]
@@ -354,13 +352,26 @@ class LocalLimiter:
             if period not in current:
                 del self._usage[period]
 
-    def report(self, now: float) -> Deferred[Report]:
+    def report(self, now: float, names: Sequence[str] = ()) -> Deferred[Report]:
         day, month = periods(now)
+        current = {}
+        for name in names:
+            state = self._keys.get(name)
+            if state is None:
+                current[name] = Current()
+                continue
+            state.requests.trim(now)
+            state.tokens.trim(now)
+            current[name] = Current(
+                state.requests.total, state.tokens.total, state.in_flight
+            )
         return succeed(
             Report(
                 day,
                 month,
                 {k: dict(v) for k, v in self._usage.get(day, {}).items()},
                 {k: dict(v) for k, v in self._usage.get(month, {}).items()},
+                current,
+                {k: dict(v) for k, v in self._hours.items()},
             )
         )

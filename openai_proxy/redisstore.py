@@ -9,8 +9,10 @@ Redis's clock, so replicas with skewed clocks still share one window.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -19,7 +21,7 @@ from twisted.logger import Logger
 
 from openai_proxy.failover import KeyPool
 from openai_proxy.keys import NamedKey
-from openai_proxy.limits import Decision, LimitsUnavailable, Report, Usage, periods
+from openai_proxy.limits import Decision, LimitsUnavailable, Usage, periods
 from openai_proxy.resp import (
     Arg,
     LostReply,
@@ -29,6 +31,7 @@ from openai_proxy.resp import (
     Script,
     bulk,
 )
+from openai_proxy.usagereport import HOURS_KEPT_DAYS, Current, Report
 
 _log = Logger()
 _PREFIX = "openai-proxy:"
@@ -136,16 +139,23 @@ if denied == '' then
   redis.call('EXPIRE', KEYS[4], 172800)
   redis.call('HINCRBY', KEYS[5], ARGV[5] .. '|requests', 1)
   redis.call('EXPIRE', KEYS[5], 3024000)
+else
+  redis.call('HINCRBY', KEYS[4], ARGV[5] .. '|refused_' .. denied, 1)
+  redis.call('EXPIRE', KEYS[4], 172800)
+  redis.call('HINCRBY', KEYS[5], ARGV[5] .. '|refused_' .. denied, 1)
+  redis.call('EXPIRE', KEYS[5], 3024000)
 end
 return {denied, math.ceil(retry * 1000), rtotal, math.ceil(reset(roldest) * 1000),
         ttotal, math.ceil(reset(toldest) * 1000)}
 """
 )
 
-#: KEYS: tokens window, in-flight set, day usage, month usage.
-#: ARGV: key name, "1" with a tpm, ticket, prompt tokens, completion tokens.
+#: KEYS: tokens window, in-flight set, day usage, month usage, the day's
+#: tokens per hour.  ARGV: key name, "1" with a tpm, ticket, prompt tokens,
+#: completion tokens, hour of the day.
 SETTLE = (
-    _WINDOW_LUA
+    f"local HOURS_TTL = {HOURS_KEPT_DAYS * 86400}\n"
+    + _WINDOW_LUA
     + """
 redis.call('ZREM', KEYS[2], ARGV[3])
 local prompt, completion = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -158,6 +168,8 @@ if prompt + completion > 0 then
     redis.call('HINCRBY', KEYS[i], ARGV[1] .. '|prompt_tokens', prompt)
     redis.call('HINCRBY', KEYS[i], ARGV[1] .. '|completion_tokens', completion)
   end
+  redis.call('HINCRBY', KEYS[5], ARGV[1] .. '|' .. ARGV[6], prompt + completion)
+  redis.call('EXPIRE', KEYS[5], HOURS_TTL)
 end
 return 1
 """
@@ -184,6 +196,30 @@ end
 return #KEYS
 """
 
+
+#: KEYS: per key, its requests window, tokens window and in-flight set.
+#: Returns per key: requests and tokens in the window, requests in flight.
+#: Read-only: the windows' buckets are summed, not trimmed.
+CURRENT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function live(key)
+  local total = 0
+  local flat = redis.call('HGETALL', key)
+  for i = 1, #flat, 2 do
+    local second = tonumber(flat[i])
+    if second and second + 60 > now then total = total + tonumber(flat[i + 1]) end
+  end
+  return total
+end
+local out = {}
+for i = 1, #KEYS, 3 do
+  out[#out + 1] = live(KEYS[i])
+  out[#out + 1] = live(KEYS[i + 1])
+  out[#out + 1] = redis.call('ZCOUNT', KEYS[i + 2], now, '+inf')
+end
+return out
+"""
 
 _ADMIT = Script(ADMIT)
 _SETTLE = Script(SETTLE)
@@ -235,6 +271,8 @@ class RedisStore:
         ]
         self._periods_at = -1
         self._period_keys = ("", "")
+        self._hours_key = ""
+        self._hour = b""
         # Per key name: the key, the day, and its scripts' encoded heads.
         self._admit_heads: dict[str, tuple[NamedKey, str, bytes]] = {}
         self._settle_heads: dict[str, tuple[NamedKey, str, bytes]] = {}
@@ -276,6 +314,8 @@ class RedisStore:
         if second != self._periods_at:
             day, month = periods(now)
             self._period_keys = (_usage_key(day), _usage_key(month))
+            self._hours_key = _hours_key(day)
+            self._hour = bulk(second // 3600 % 24)
             self._periods_at = second
         return self._period_keys
 
@@ -323,13 +363,19 @@ class RedisStore:
         if cached is None or cached[0] is not key or cached[1] != day:
             _, tokens_window, in_flight = _windows(key.name)
             head = _SETTLE.head(
-                (tokens_window, in_flight, day, month),
+                (tokens_window, in_flight, day, month, self._hours_key),
                 (key.name, 1 if key.tpm else 0),
-                3,
+                4,
             )
             cached = self._settle_heads[key.name] = (key, day, head)
         command = b"".join(
-            (cached[2], bulk(ticket), bulk(usage.prompt), bulk(usage.completion))
+            (
+                cached[2],
+                bulk(ticket),
+                bulk(usage.prompt),
+                bulk(usage.completion),
+                self._hour,
+            )
         )
         # Not waited for: the request has its answer already.
         if not self._redis.evalsha(_SETTLE, command, _settled):
@@ -363,20 +409,33 @@ class RedisStore:
         self._renew_when_up = False
         self._renew()
 
-    def report(self, now: float) -> Deferred[Report]:
-        return Deferred.fromCoroutine(self._report(now))
+    def report(self, now: float, names: Sequence[str] = ()) -> Deferred[Report]:
+        return Deferred.fromCoroutine(self._report(now, names))
 
-    async def _report(self, now: float) -> Report:
+    async def _report(self, now: float, names: Sequence[str]) -> Report:
         day, month = periods(now)
-        # Both asked for before either is awaited: one round trip.
+        # Every command sent before any is awaited: one round trip.
         today = self._redis.call("HGETALL", _usage_key(day))
         this_month = self._redis.call("HGETALL", _usage_key(month))
+        days = _hour_days(now, day)
+        hours = [self._redis.call("HGETALL", _hours_key(d)) for d in days]
+        windows = [w for name in names for w in _windows(name)]
+        current = self._redis.call("EVAL", CURRENT, len(windows), *windows)
         try:
-            today_flat = await today
-            month_flat = await this_month
+            today_flat = _checked(await today)
+            month_flat = _checked(await this_month)
+            hours_flat = [_checked(await d) for d in hours]
+            current_flat = _checked(await current)
         except Exception as e:
             raise LimitsUnavailable(f"Redis failed: {e}") from None
-        return Report(day, month, _by_name(today_flat), _by_name(month_flat))
+        return Report(
+            day,
+            month,
+            _by_name(today_flat),
+            _by_name(month_flat),
+            _current(names, current_flat),
+            _hours_by_name(days, hours_flat),
+        )
 
     def _share_bench(self, index: int, seconds: float) -> None:
         if self.is_up():
@@ -463,6 +522,53 @@ def _windows(name: str) -> tuple[str, str, str]:
 
 def _usage_key(period: str) -> str:
     return f"{_PREFIX}usage:{period}"
+
+
+def _hours_key(day: str) -> str:
+    return f"{_PREFIX}hours:{day}"
+
+
+def _hour_days(now: float, day: str) -> list[str]:
+    # This month's days, and the two before today (the last 48 hours may
+    # reach into last month).
+    first = int(now) - int(day[8:10]) * 86400
+    start = min(first, int(now) - 3 * 86400)
+    return sorted(
+        {
+            time.strftime("%Y-%m-%d", time.gmtime(second))
+            for second in range(start + 86400, int(now) + 1, 86400)
+        }
+        | {day}
+    )
+
+
+def _checked(reply: Reply) -> Reply:
+    if isinstance(reply, RedisError):
+        raise reply
+    return reply
+
+
+def _current(names: Sequence[str], flat: Reply) -> dict[str, Current]:
+    numbers = (
+        [n if isinstance(n, int) else 0 for n in flat] if isinstance(flat, list) else []
+    )
+    out = {}
+    for i, name in enumerate(names):
+        found = numbers[3 * i : 3 * i + 3]
+        out[name] = Current(*found) if len(found) == 3 else Current()
+    return out
+
+
+def _hours_by_name(days: list[str], flats: list[Reply]) -> dict[str, dict[int, int]]:
+    out: dict[str, dict[int, int]] = {}
+    for day, flat in zip(days, flats, strict=True):
+        first = calendar.timegm(time.strptime(day, "%Y-%m-%d")) // 3600
+        for field, value in _pairs(flat).items():
+            name, _, hour = field.rpartition("|")
+            if hour.isdigit():
+                hours = out.setdefault(name, {})
+                hours[first + int(hour)] = int(value)
+    return out
 
 
 def _by_name(flat: Reply) -> dict[str, dict[str, int]]:

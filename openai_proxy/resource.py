@@ -18,7 +18,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from openai_proxy import errors
 from openai_proxy.access import log_request
-from openai_proxy.accounting import Accounting, UsagePage
+from openai_proxy.accounting import Accounting
 from openai_proxy.allowlist import check_path
 from openai_proxy.auth import Grant, KeyPolicy
 from openai_proxy.config import Config
@@ -31,6 +31,7 @@ from openai_proxy.logs import new_request_id
 from openai_proxy.metrics import Metrics, route_family
 from openai_proxy.moderation import Moderation
 from openai_proxy.upstream import RelayClient
+from openai_proxy.usagepage import UsagePage
 
 _log = Logger()
 

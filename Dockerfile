@@ -43,6 +43,6 @@ EXPOSE 9000
 # Reads PORT like the proxy does (a number or an endpoint description such
 # as tcp:9010:interface=0.0.0.0) and asks /healthz there.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python", "-m", "openai_proxy.healthcheck"]
+  CMD ["python", "-m", "openai_proxy.ops.healthcheck"]
 
 CMD ["twistd", "-n", "--pidfile=", "openai-proxy"]

@@ -16,20 +16,20 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from openai_proxy import logs
-from openai_proxy.accounting import Accounting
-from openai_proxy.auth import KeyPolicy
+from openai_proxy.admin.usagepage import UsagePage, describe_store
 from openai_proxy.config import Config
-from openai_proxy.drain import DrainService, Readiness
-from openai_proxy.failover import KeyPool
-from openai_proxy.keys import KeyRegistry
-from openai_proxy.limits import Limiter, LocalLimiter
-from openai_proxy.metrics import Metrics
+from openai_proxy.http.server import ProxySite
+from openai_proxy.keys.accounting import Accounting
+from openai_proxy.keys.auth import KeyPolicy
+from openai_proxy.keys.limits import Limiter, LocalLimiter
+from openai_proxy.keys.named import KeyRegistry
 from openai_proxy.moderation import Moderation
+from openai_proxy.ops.drain import DrainService, Readiness
 from openai_proxy.resource import ProxyResource
-from openai_proxy.server import ProxySite
-from openai_proxy.upstream import make_client, make_pool
-from openai_proxy.usagepage import UsagePage, describe_store
+from openai_proxy.telemetry import logs
+from openai_proxy.telemetry.metrics import Metrics
+from openai_proxy.upstream.client import make_client, make_pool
+from openai_proxy.upstream.failover import KeyPool
 
 _PROBE_INTERVAL = 5.0  # seconds between attempts to reach the moderation backend
 _SETTLE_WAIT = 2.0  # seconds a stop waits for the requests cut off to settle
@@ -91,7 +91,7 @@ class ProxyApp(Service):
         self.store: Any = None
         self.limiter: Limiter = LocalLimiter()
         if config.redis_url is not None:
-            from openai_proxy.redisstore import RedisStore
+            from openai_proxy.keys.redisstore import RedisStore
 
             self.store = RedisStore(config.redis_url, reactor, self.key_pool)
             self.limiter = self.store

@@ -24,7 +24,9 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import IBodyProducer
 
-from openai_proxy.allowlist import (
+from openai_proxy.exchange import Exchange
+from openai_proxy.http.errors import ProxyError
+from openai_proxy.keys.allowlist import (
     JSONBody,
     JSONUnreadable,
     check_encoding,
@@ -34,11 +36,9 @@ from openai_proxy.allowlist import (
     parse_json,
     unreadable_body,
 )
-from openai_proxy.errors import ProxyError
-from openai_proxy.exchange import Exchange
-from openai_proxy.keys import NamedKey
+from openai_proxy.keys.named import NamedKey
 from openai_proxy.moderation import Moderation
-from openai_proxy.relay import BytesProducer
+from openai_proxy.upstream.relay import BytesProducer
 
 #: Request fields the Node project used for moderation; the upstream rejects
 #: unknown fields, so they never go there.
@@ -91,7 +91,7 @@ async def request_body(
     moderation).  Records the body's size (and, with C{log_bodies}, its
     start) on the exchange.
 
-    On a named C{key}, the body is checked as L{openai_proxy.allowlist} says
+    On a named C{key}, the body is checked as L{openai_proxy.keys.allowlist} says
     (when the key has C{models}), and with C{inject_usage} a streamed
     completion is made to report its usage.  The JSON is parsed once for
     all of this, in a thread when over 64 KiB.

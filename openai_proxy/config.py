@@ -14,7 +14,7 @@ from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 from openai_proxy.cpus import available_cpus
-from openai_proxy.keys import KeysFileError, NamedKey, read_keys_file
+from openai_proxy.keys.named import KeysFileError, NamedKey, read_keys_file
 from openai_proxy.moderation.config import ModerationConfig
 from openai_proxy.settings import ConfigError as ConfigError
 from openai_proxy.settings import (

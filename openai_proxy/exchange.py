@@ -14,12 +14,12 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 from twisted.web.server import Request
 
-from openai_proxy import errors
-from openai_proxy.accounting import Account
-from openai_proxy.errors import ProxyError, write_error
-from openai_proxy.metrics import RequestHandle
+from openai_proxy.http import errors
+from openai_proxy.http.errors import ProxyError, write_error
+from openai_proxy.keys.accounting import Account
 from openai_proxy.moderation import StreamModerator
-from openai_proxy.relay import BodyRelay
+from openai_proxy.telemetry.metrics import RequestHandle
+from openai_proxy.upstream.relay import BodyRelay
 
 _log = Logger()
 

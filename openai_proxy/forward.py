@@ -15,21 +15,22 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 
-from openai_proxy import errors, hop
-from openai_proxy.accounting import Account, Accounting
-from openai_proxy.allowlist import check_path, check_query
-from openai_proxy.auth import Grant, KeyPolicy
 from openai_proxy.bodies import ClientGone, request_body
 from openai_proxy.config import Config
-from openai_proxy.errorbody import ReadResponse
-from openai_proxy.errors import ProxyError
 from openai_proxy.exchange import ERROR_KINDS, Exchange, upstream_error
-from openai_proxy.failover import abandon, judge, might_retry, replayable
-from openai_proxy.headers import REQUEST_DROPPED, copy_headers
-from openai_proxy.metrics import Metrics
+from openai_proxy.http import errors
+from openai_proxy.http.errors import ProxyError
+from openai_proxy.http.headers import REQUEST_DROPPED, copy_headers
+from openai_proxy.keys.accounting import Account, Accounting
+from openai_proxy.keys.allowlist import check_path, check_query
+from openai_proxy.keys.auth import Grant, KeyPolicy
 from openai_proxy.moderation import Moderation
 from openai_proxy.respond import Responder
-from openai_proxy.upstream import RelayClient, Upstreams
+from openai_proxy.telemetry.metrics import Metrics
+from openai_proxy.upstream import hop
+from openai_proxy.upstream.client import RelayClient, Upstreams
+from openai_proxy.upstream.errorbody import ReadResponse
+from openai_proxy.upstream.failover import abandon, judge, might_retry, replayable
 
 _log = Logger()
 

@@ -16,22 +16,22 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from openai_proxy import errors
-from openai_proxy.access import log_request
-from openai_proxy.accounting import Accounting
-from openai_proxy.allowlist import check_path
-from openai_proxy.auth import Grant, KeyPolicy
+from openai_proxy.admin.usagepage import UsagePage
 from openai_proxy.config import Config
-from openai_proxy.cors import CORS
-from openai_proxy.drain import DrainService, Readiness
-from openai_proxy.errors import ProxyError, write_error
 from openai_proxy.exchange import Exchange
 from openai_proxy.forward import Forwarder
-from openai_proxy.logs import new_request_id
-from openai_proxy.metrics import Metrics, route_family
+from openai_proxy.http import errors
+from openai_proxy.http.cors import CORS
+from openai_proxy.http.errors import ProxyError, write_error
+from openai_proxy.keys.accounting import Accounting
+from openai_proxy.keys.allowlist import check_path
+from openai_proxy.keys.auth import Grant, KeyPolicy
 from openai_proxy.moderation import Moderation
-from openai_proxy.upstream import RelayClient
-from openai_proxy.usagepage import UsagePage
+from openai_proxy.ops.drain import DrainService, Readiness
+from openai_proxy.telemetry.access import log_request
+from openai_proxy.telemetry.logs import new_request_id
+from openai_proxy.telemetry.metrics import Metrics, route_family
+from openai_proxy.upstream.client import RelayClient
 
 _log = Logger()
 
@@ -90,7 +90,7 @@ class ProxyResource(Resource):
         self, method: bytes, path: bytes, authorization: bytes | None
     ) -> Grant | None:
         """
-        The early key check (see L{openai_proxy.server.Authorize}): L{None}
+        The early key check (see L{openai_proxy.http.server.Authorize}): L{None}
         for the paths this resource answers itself, else what
         C{authorization} grants.
 

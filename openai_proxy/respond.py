@@ -13,16 +13,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from openai_proxy import errors
-from openai_proxy.accounting import Account
 from openai_proxy.config import Config
-from openai_proxy.decoding import ENCODINGS, DecodedResponse, DecodeError
 from openai_proxy.exchange import ERROR_KINDS, Exchange
-from openai_proxy.headers import RESPONSE_DROPPED, copy_headers
-from openai_proxy.metrics import Metrics
+from openai_proxy.http import errors
+from openai_proxy.http.headers import RESPONSE_DROPPED, copy_headers
+from openai_proxy.http.sse import format_event
+from openai_proxy.keys.accounting import Account
 from openai_proxy.moderation import Plan
-from openai_proxy.relay import BodyRelay, UpstreamTimeout
-from openai_proxy.sse import format_event
+from openai_proxy.telemetry.metrics import Metrics
+from openai_proxy.upstream.decoding import ENCODINGS, DecodedResponse, DecodeError
+from openai_proxy.upstream.relay import BodyRelay, UpstreamTimeout
 
 _log = Logger()
 _SSE = b"text/event-stream"

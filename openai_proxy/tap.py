@@ -25,10 +25,10 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
-from openai_proxy import logs
 from openai_proxy.config import Config, ConfigError
 from openai_proxy.moderation.config import MODERATION_OPTIONS
-from openai_proxy.startup import StartupLine, package_version
+from openai_proxy.ops.startup import StartupLine, package_version
+from openai_proxy.telemetry import logs
 
 #: (option, environment variable, default, doc) of the core settings.
 _CORE_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
@@ -237,14 +237,14 @@ def makeService(options: Options) -> service.IService:
     """Make the proxy's service from parsed options."""
     from twisted.internet import reactor
 
-    from openai_proxy import metrics
     from openai_proxy.app import ProxyApp
-    from openai_proxy.workers import (
+    from openai_proxy.ops.workers import (
         WorkersService,
         is_worker,
         listen_and_fork,
         with_default_backlog,
     )
+    from openai_proxy.telemetry import metrics
 
     config: Config = options["config"]
     if config.workers > 1:
@@ -282,7 +282,7 @@ def _share_metrics(reactor: Any) -> None:
     # Several worker processes: their series go to files in one directory,
     # made by the main process and inherited by the children through the
     # environment, so that a scrape served by any of them reports the sum.
-    from openai_proxy import metrics
+    from openai_proxy.telemetry import metrics
 
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory is None:

@@ -155,7 +155,7 @@ DONE = b"data: [DONE]\n\n"
 
 def payloads(output: bytes) -> list[Any]:
     """The data of each event written, JSON-decoded where possible."""
-    from openai_proxy.sse import SSEParser
+    from openai_proxy.http.sse import SSEParser
 
     parser = SSEParser()
     out: list[Any] = []

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from openai_proxy import bodies
-from openai_proxy.keys import KeysFileError, NamedKey, parse_keys
+from openai_proxy.keys.named import KeysFileError, NamedKey, parse_keys
 from tests.fake_upstream import Script
 from tests.harness import AUTH, JSON, ModeratedRelayTestCase, RelayTestCase
 from tests.rawhttp import raw_request

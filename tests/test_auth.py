@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from openai_proxy import errors
-from openai_proxy.auth import KeyPolicy, Token, bearer_token, split_token
+from openai_proxy.http import errors
+from openai_proxy.keys.auth import KeyPolicy, Token, bearer_token, split_token
 
 _key = st.text(
     st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters=":"),

@@ -14,7 +14,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from openai_proxy.server import ProxySite
+from openai_proxy.http.server import ProxySite
 
 
 class _Hosts(Resource):

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openai_proxy.config import Config
-from openai_proxy.startup import summary
+from openai_proxy.ops.startup import summary
 from openai_proxy.tap import ENVIRONMENT_ONLY, BadSettings, Options
 from tests.harness import TWISTD
 from tests.test_migration import expected_backlog, free_port, kernel_backlogs

@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from openai_proxy import config as config_module
 from openai_proxy.config import Config, ConfigError
-from openai_proxy.startup import summary
+from openai_proxy.ops.startup import summary
 from openai_proxy.tap import Options
 from tests.harness import TWISTD
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from openai_proxy.decoding import PIECE, DecodeError, Decoder
+from openai_proxy.upstream.decoding import PIECE, DecodeError, Decoder
 
 
 def decode(encoding: bytes, pieces: list[bytes], limit: int = 10**9) -> bytes:

@@ -12,7 +12,7 @@ import yaml
 from twisted.trial.unittest import TestCase
 
 from openai_proxy.config import Config, parse_workers
-from openai_proxy.drain import DEFAULT_GRACE
+from openai_proxy.ops.drain import DEFAULT_GRACE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -70,7 +70,9 @@ class DockerfileTests(TestCase):
         self.assertEqual(_dockerfile()["EXPOSE"], str(_default_port()))
 
     def test_healthcheck_reads_port_itself(self) -> None:
-        self.assertIn('"-m", "openai_proxy.healthcheck"', _dockerfile()["HEALTHCHECK"])
+        self.assertIn(
+            '"-m", "openai_proxy.ops.healthcheck"', _dockerfile()["HEALTHCHECK"]
+        )
 
     def test_workers_auto_by_default(self) -> None:
         self.assertEqual(_image_env()["WORKERS"], "auto")

@@ -1,4 +1,4 @@
-"""Tests for L{openai_proxy.drain}: graceful shutdown and readiness."""
+"""Tests for L{openai_proxy.ops.drain}: graceful shutdown and readiness."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from openai_proxy.drain import DEFAULT_GRACE, DrainService, Readiness
+from openai_proxy.ops.drain import DEFAULT_GRACE, DrainService, Readiness
 
 _GET = b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n"
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from openai_proxy.formfield import (
+from openai_proxy.keys.formfield import (
     _CHUNK,
     _MAX_HEADERS,
     FormError,

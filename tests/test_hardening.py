@@ -19,8 +19,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from openai_proxy import bodies, logs
+from openai_proxy import bodies
 from openai_proxy.app import SHORT_KEY
+from openai_proxy.telemetry import logs
 from tests.fake_upstream import Script, chat_completion, chat_stream
 from tests.harness import AUTH, JSON, ModeratedRelayTestCase, Proxy, RelayTestCase
 from tests.rawhttp import Collector, connect, raw_request

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from openai_proxy.headers import REQUEST_DROPPED, RESPONSE_DROPPED, filtered
+from openai_proxy.http.headers import REQUEST_DROPPED, RESPONSE_DROPPED, filtered
 
 _token = st.text(
     alphabet="abcdefghijklmnopqrstuvwxyz-ABC", min_size=1, max_size=12

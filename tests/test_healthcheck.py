@@ -1,5 +1,5 @@
 """
-Tests for L{openai_proxy.healthcheck}, the image's HEALTHCHECK: it finds the
+Tests for L{openai_proxy.ops.healthcheck}, the image's HEALTHCHECK: it finds the
 proxy wherever C{PORT} puts it and fails whenever C{/healthz} is not 200.
 """
 
@@ -10,7 +10,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from openai_proxy.config import Config
-from openai_proxy.healthcheck import Target, main, split_description, target
+from openai_proxy.ops.healthcheck import Target, main, split_description, target
 from tests.harness import Proxy, closed_port_url
 
 

@@ -16,9 +16,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
-from openai_proxy.keys import KeysFileError, parse_keys
-from openai_proxy.limits import LocalLimiter, Usage, format_reset
-from openai_proxy.usage import Meter
+from openai_proxy.keys.limits import LocalLimiter, Usage, format_reset
+from openai_proxy.keys.named import KeysFileError, parse_keys
+from openai_proxy.keys.usage import Meter
 from tests.fake_upstream import (
     AUDIO,
     Script,

@@ -1,4 +1,4 @@
-"""Tests for L{openai_proxy.logs}: NDJSON output, redaction, request ids."""
+"""Tests for L{openai_proxy.telemetry.logs}: NDJSON output, redaction, request ids."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import TestCase
 
-from openai_proxy import access, logs
-from openai_proxy.access import log_request
+from openai_proxy.telemetry import access, logs
+from openai_proxy.telemetry.access import log_request
 
 OPENAI_KEY = "sk-proj-Abc123Def456Ghi789Jkl012"
 PROXY_KEY = "plain-proxy-key-without-shape"

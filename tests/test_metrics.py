@@ -1,4 +1,4 @@
-"""Tests for L{openai_proxy.metrics}: the series, their labels, and serving them."""
+"""Tests for L{openai_proxy.telemetry.metrics}: the series, their labels, and serving them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
-from openai_proxy.metrics import (
+from openai_proxy.telemetry.metrics import (
     METHODS,
     ROUTE_FAMILIES,
     Metrics,

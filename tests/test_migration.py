@@ -16,9 +16,9 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from openai_proxy import workers
 from openai_proxy.config import Config, ConfigError
-from openai_proxy.workers import DEFAULT_BACKLOG, with_default_backlog
+from openai_proxy.ops import workers
+from openai_proxy.ops.workers import DEFAULT_BACKLOG, with_default_backlog
 from tests.fake_upstream import FakeOpenAI
 from tests.harness import Proxy, client
 

@@ -906,7 +906,7 @@ class DrainTests(TestCase):
         sent = proc.terminate()
         # Twisted logs "(TCP Port N Closed)" just before it closes the socket,
         # and stops the factory just after.
-        await proc.logged(rb"Stopping factory <openai_proxy\.server\.ProxySite")
+        await proc.logged(rb"Stopping factory <openai_proxy\.http\.server\.ProxySite")
         # No new connections...
         with self.assertRaises(ConnectionRefusedError):
             await connect(self, port)

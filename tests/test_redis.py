@@ -12,10 +12,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from openai_proxy.failover import KeyPool
-from openai_proxy.keys import NamedKey
-from openai_proxy.limits import Usage
-from openai_proxy.redisstore import RedisStore
+from openai_proxy.keys.limits import Usage
+from openai_proxy.keys.named import NamedKey
+from openai_proxy.keys.redisstore import RedisStore
+from openai_proxy.upstream.failover import KeyPool
 from tests.fake_upstream import FakeOpenAI, Script
 from tests.harness import JSON, Proxy, client
 from tests.redis_server import SKIP, RedisServer

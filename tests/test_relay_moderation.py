@@ -13,7 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from openai_proxy.sse import SSEParser
+from openai_proxy.http.sse import SSEParser
 from tests.fake_tms import FakeTMS
 from tests.fake_upstream import (
     Script,

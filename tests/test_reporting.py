@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 
-from openai_proxy import logs
+from openai_proxy.telemetry import logs
 from tests.harness import AUTH, Proxy, RelayTestCase
 from tests.rawhttp import raw_request
 from tests.test_hardening import _ScrapingTest, capture_logs

@@ -1,5 +1,5 @@
 """
-The small Redis client (openai_proxy.resp): RESP parsing and encoding, and
+The small Redis client (openai_proxy.keys.resp): RESP parsing and encoding, and
 the client against a real redis-server (scripts, errors, a lost Redis).
 """
 
@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openai_proxy.resp import (
+from openai_proxy.keys.resp import (
     RedisClient,
     RedisError,
     RedisUnavailable,

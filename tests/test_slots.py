@@ -16,12 +16,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from openai_proxy import forward, redisstore
-from openai_proxy.failover import KeyPool
-from openai_proxy.keys import NamedKey
-from openai_proxy.limits import Decision
-from openai_proxy.redisstore import RedisStore
-from openai_proxy.resp import RedisClient
+from openai_proxy import forward
+from openai_proxy.keys import redisstore
+from openai_proxy.keys.limits import Decision
+from openai_proxy.keys.named import NamedKey
+from openai_proxy.keys.redisstore import RedisStore
+from openai_proxy.keys.resp import RedisClient
+from openai_proxy.upstream.failover import KeyPool
 from tests.fake_upstream import FakeOpenAI, Script, chat_stream
 from tests.harness import JSON, Proxy, client
 from tests.rawhttp import Collector, connect

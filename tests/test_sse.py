@@ -1,4 +1,4 @@
-"""Tests for L{openai_proxy.sse}."""
+"""Tests for L{openai_proxy.http.sse}."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from openai_proxy.sse import SSEEvent, SSEParser, format_event, format_json_event
+from openai_proxy.http.sse import SSEEvent, SSEParser, format_event, format_json_event
 
 
 def parse(*reads: bytes) -> list[SSEEvent]:

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 
-from openai_proxy.upstream import CachedEndpoints
+from openai_proxy.upstream.client import CachedEndpoints
 from tests.certs import make_certs
 from tests.fake_upstream import FakeOpenAI
 from tests.harness import AUTH, Proxy, client

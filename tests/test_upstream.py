@@ -18,7 +18,12 @@ from twisted.web.client import URI, Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from openai_proxy.upstream import CachedEndpoints, RelayClient, Upstreams, _RelayAgent
+from openai_proxy.upstream.client import (
+    CachedEndpoints,
+    RelayClient,
+    Upstreams,
+    _RelayAgent,
+)
 
 BASE = b"https://api.example.com/prefix"
 

@@ -16,12 +16,12 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openai_proxy.keys import NamedKey, parse_keys
-from openai_proxy.limits import LimitsUnavailable, LocalLimiter, Usage
-from openai_proxy.svgchart import stacked_bars
-from openai_proxy.usagehtml import PageData, render_page
-from openai_proxy.usagepage import basic_password, describe_store, prefers_html
-from openai_proxy.usagereport import Current, Report
+from openai_proxy.admin.svgchart import stacked_bars
+from openai_proxy.admin.usagehtml import PageData, render_page
+from openai_proxy.admin.usagepage import basic_password, describe_store, prefers_html
+from openai_proxy.keys.limits import LimitsUnavailable, LocalLimiter, Usage
+from openai_proxy.keys.named import NamedKey, parse_keys
+from openai_proxy.keys.usagereport import Current, Report
 from tests.harness import JSON, Proxy, RelayTestCase, client
 from tests.redis_server import SKIP, RedisServer
 from tests.test_keys import (

@@ -1,5 +1,5 @@
 """
-Tests for openai_proxy.workers: several processes serving one socket.
+Tests for openai_proxy.ops.workers: several processes serving one socket.
 
 The multi-process tests run ``twistd -n openai-proxy`` with ``WORKERS=2`` as
 a child of the test, against a fake upstream served by the test's reactor.
@@ -26,9 +26,9 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from openai_proxy import workers
 from openai_proxy.config import ConfigError, check_listen, parse_workers
 from openai_proxy.cpus import available_cpus
+from openai_proxy.ops import workers
 from tests.harness import TWISTD, client
 
 ROOT = Path(__file__).resolve().parent.parent

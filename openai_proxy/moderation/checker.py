@@ -32,7 +32,7 @@ _T = TypeVar("_T")
 
 #: C{on_call(backend, result, seconds)} after each backend call; C{result}
 #: is C{"pass"}, C{"review"}, C{"block"} or C{"error"} (failed or timed out).
-#: Matches C{openai_proxy.metrics.Metrics.moderation_call}.
+#: Matches C{openai_proxy.telemetry.metrics.Metrics.moderation_call}.
 CallObserver = Callable[[str, str, float], None]
 
 

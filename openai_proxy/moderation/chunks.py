@@ -12,7 +12,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from openai_proxy.sse import SSEEvent, format_event, format_json_event
+from openai_proxy.http.sse import SSEEvent, format_event, format_json_event
 
 Key = Hashable
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from openai_proxy.errors import ProxyError
+from openai_proxy.http.errors import ProxyError
 
 
 @dataclass(frozen=True)

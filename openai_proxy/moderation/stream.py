@@ -15,9 +15,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from openai_proxy.http.sse import SSEEvent, SSEParser
 from openai_proxy.moderation.chunks import Key, StreamShape
 from openai_proxy.moderation.sentences import SentenceSplitter, needs_check
-from openai_proxy.sse import SSEEvent, SSEParser
 
 _T = TypeVar("_T")
 

@@ -20,16 +20,15 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from openai_proxy import errors
-from openai_proxy.access import log_request
-from openai_proxy.auth import Grant
-from openai_proxy.errors import ProxyError
-from openai_proxy.logs import new_request_id
+from openai_proxy.http import errors
+from openai_proxy.http.errors import ProxyError
+from openai_proxy.telemetry.access import log_request
+from openai_proxy.telemetry.logs import new_request_id
 
-#: C{authorize(method, path, authorization)}: what a request may do (a
-#: L{Grant}; L{None} when its path needs no key), or raise the L{ProxyError}
-#: refusing it.
-Authorize = Callable[[bytes, bytes, "bytes | None"], "Grant | None"]
+#: C{authorize(method, path, authorization)}: what a request may do (the
+#: key check's own grant, carried here unread; L{None} when its path needs
+#: no key), or raise the L{ProxyError} refusing it.
+Authorize = Callable[[bytes, bytes, "bytes | None"], object]
 
 #: C{refused(method, path, status)}: told of each request answered by the
 #: server itself, before any resource saw it (for the metrics).
@@ -102,7 +101,7 @@ class ProxyRequest(Request):
     """
 
     channel: Any
-    grant: Grant | None = None
+    grant: object = None
     early_error: ProxyError | None = None
     _refused = False
     _received = 0

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import parse_qsl
 
-from openai_proxy.errors import ProxyError
-from openai_proxy.formfield import FormError, boundary_of, form_fields, read_form
-from openai_proxy.keys import NamedKey, model_not_allowed
+from openai_proxy.http.errors import ProxyError
+from openai_proxy.keys.formfield import FormError, boundary_of, form_fields, read_form
+from openai_proxy.keys.named import NamedKey, model_not_allowed
 
 #: A realtime client secret names its model in C{session.model}.
 CLIENT_SECRETS = b"/v1/realtime/client_secrets"

@@ -8,7 +8,7 @@ names are hop-by-hop (RFC 9110 7.6.1) and must not reach the client, but
 without it the relay cannot know which they are.  L{install} wraps
 C{HTTPClientParser.allHeadersReceived} so that, once a response's headers
 are in, its C{Connection} values are copied into C{response.headers}, where
-L{openai_proxy.headers} drops them and every header they name.
+L{openai_proxy.http.headers} drops them and every header they name.
 """
 
 from __future__ import annotations

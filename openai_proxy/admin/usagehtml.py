@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
-from openai_proxy.keys import NamedKey
-from openai_proxy.svgchart import colour, stacked_bars
-from openai_proxy.usagereport import REFUSALS, Current, Report, hour_label
+from openai_proxy.admin.svgchart import colour, stacked_bars
+from openai_proxy.keys.named import NamedKey
+from openai_proxy.keys.usagereport import REFUSALS, Current, Report, hour_label
 
 #: A share of a limit at or above which a key is shown as near it.
 NEAR = 0.8

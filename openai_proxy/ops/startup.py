@@ -12,9 +12,11 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 
 from openai_proxy.config import Config
-from openai_proxy.workers import with_default_backlog
+from openai_proxy.ops.workers import with_default_backlog
 
-_log = Logger()
+# The README names this namespace and log readers filter on it: it
+# stays what it was before the module moved into ops/.
+_log = Logger(namespace="openai_proxy.startup")
 
 
 def package_version() -> str:

@@ -66,7 +66,7 @@ _log = Logger()
 
 #: The setting's name in messages, as users write it.
 #: The child's command: nothing on the command line, everything on its stdin.
-CHILD_ARGV = ("-c", "from openai_proxy.workers import child_main; child_main()")
+CHILD_ARGV = ("-c", "from openai_proxy.ops.workers import child_main; child_main()")
 #: The first inherited listening socket's descriptor in a child.
 _FIRST_FD = 3
 _MIN_BACKOFF = 0.1

@@ -7,7 +7,7 @@ through L{redact_text}, so neither a field named like a secret nor a string
 shaped like a key (C{Bearer ...}, C{sk-...}) nor a secret registered with
 L{register_secrets} reaches the output, whatever the code that logged it did.
 
-With twistd, either name a factory (C{twistd --logger=openai_proxy.logs.json_observer})
+With twistd, either name a factory (C{twistd --logger=openai_proxy.telemetry.logs.json_observer})
 or let the plugin's options call L{use_log_format}.
 """
 
@@ -382,7 +382,7 @@ def json_observer(out: IO[str] | None = None) -> FileLogObserver:
     Return an observer writing each event as one JSON object per line
     (NDJSON; Twisted's event fields plus C{log_text}, the formatted message,
     and C{log_traceback} for failures), redacted.  Zero arguments writes to
-    stdout, so it serves as C{twistd --logger=openai_proxy.logs.json_observer}.
+    stdout, so it serves as C{twistd --logger=openai_proxy.telemetry.logs.json_observer}.
     """
     out = out if out is not None else _output()
     return _RedactingObserver(_json_line, out)

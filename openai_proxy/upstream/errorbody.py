@@ -19,7 +19,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from openai_proxy.relay import BodyRelay
+from openai_proxy.upstream.relay import BodyRelay
 
 #: This much of an error body is read to judge it; the rest waits upstream.
 ERROR_BODY_LIMIT = 65536

@@ -35,7 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 (Tencent SCF's newest): the same parser, from PyPI
     import tomli as tomllib
 
-from openai_proxy.errors import ProxyError
+from openai_proxy.http.errors import ProxyError
 
 _log = Logger()
 _FIELDS = frozenset(

@@ -13,9 +13,9 @@ import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from openai_proxy import errors
-from openai_proxy.failover import KeyPool
-from openai_proxy.keys import KeyRegistry, NamedKey, key_refused
+from openai_proxy.http import errors
+from openai_proxy.keys.named import KeyRegistry, NamedKey, key_refused
+from openai_proxy.upstream.failover import KeyPool
 
 
 @dataclass(frozen=True)

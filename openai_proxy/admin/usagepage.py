@@ -17,12 +17,12 @@ from urllib.parse import urlsplit
 
 from twisted.web.server import Request
 
-from openai_proxy.auth import bearer_token
-from openai_proxy.errors import JSON_CONTENT_TYPE, ProxyError, write_error
-from openai_proxy.failover import KeyPool
-from openai_proxy.keys import NamedKey
-from openai_proxy.limits import Limiter, LimitsUnavailable
-from openai_proxy.usagehtml import PageData, render_page
+from openai_proxy.admin.usagehtml import PageData, render_page
+from openai_proxy.http.errors import JSON_CONTENT_TYPE, ProxyError, write_error
+from openai_proxy.keys.auth import bearer_token
+from openai_proxy.keys.limits import Limiter, LimitsUnavailable
+from openai_proxy.keys.named import NamedKey
+from openai_proxy.upstream.failover import KeyPool
 
 _REALM = b'Basic realm="openai-proxy", charset="UTF-8"'
 #: The page's script-free policy: its styles are inline, its charts inline

@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.logger import Logger, LogLevel
 
-from openai_proxy.logs import LINE_FORMAT
+from openai_proxy.telemetry.logs import LINE_FORMAT
 
 _log = Logger(namespace="openai_proxy.access")
 _INFO = LogLevel.info

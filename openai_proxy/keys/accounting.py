@@ -1,6 +1,6 @@
 """
 What a request on a named key goes through (once its body was checked, see
-L{openai_proxy.allowlist}): its limits checked and counted before it goes
+L{openai_proxy.keys.allowlist}): its limits checked and counted before it goes
 upstream, its tokens counted from the reply and charged when it ends.
 """
 
@@ -14,9 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from openai_proxy.errors import ProxyError
-from openai_proxy.keys import NamedKey
-from openai_proxy.limits import (
+from openai_proxy.http.errors import ProxyError
+from openai_proxy.keys.limits import (
     Decision,
     Limiter,
     LimitsUnavailable,
@@ -24,8 +23,9 @@ from openai_proxy.limits import (
     rate_headers,
     rate_limited,
 )
-from openai_proxy.metrics import Metrics
-from openai_proxy.usage import Meter
+from openai_proxy.keys.named import NamedKey
+from openai_proxy.keys.usage import Meter
+from openai_proxy.telemetry.metrics import Metrics
 
 _log = Logger()
 

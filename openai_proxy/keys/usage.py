@@ -10,8 +10,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from openai_proxy.limits import Usage
-from openai_proxy.sse import SSEEvent, SSEParser
+from openai_proxy.http.sse import SSEEvent, SSEParser
+from openai_proxy.keys.limits import Usage
 
 _WHOLE_BODY = 1_048_576  # JSON replies up to this size are kept whole
 _TAIL = 16_384  # of larger ones, usage is looked for in this much of the end

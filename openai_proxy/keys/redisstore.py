@@ -15,14 +15,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from openai_proxy.failover import KeyPool
-from openai_proxy.keys import NamedKey
-from openai_proxy.limits import Decision, LimitsUnavailable, Usage, periods
-from openai_proxy.resp import (
+from openai_proxy.keys.limits import Decision, LimitsUnavailable, Usage, periods
+from openai_proxy.keys.named import NamedKey
+from openai_proxy.keys.resp import (
     Arg,
     LostReply,
     RedisClient,
@@ -31,7 +30,8 @@ from openai_proxy.resp import (
     Script,
     bulk,
 )
-from openai_proxy.usagereport import HOURS_KEPT_DAYS, Current, Report
+from openai_proxy.keys.usagereport import HOURS_KEPT_DAYS, Current, Report
+from openai_proxy.upstream.failover import KeyPool
 
 _log = Logger()
 _PREFIX = "openai-proxy:"
@@ -229,7 +229,7 @@ _NO_USAGE = Usage()
 
 class RedisStore:
     """
-    The L{openai_proxy.limits.Limiter} over Redis; it also shares the
+    The L{openai_proxy.keys.limits.Limiter} over Redis; it also shares the
     server-key benches of C{pool} with the other processes.
 
     An admission is one C{EVALSHA} round trip, awaited; a settle is one more
@@ -421,13 +421,18 @@ class RedisStore:
         hours = [self._redis.call("HGETALL", _hours_key(d)) for d in days]
         windows = [w for name in names for w in _windows(name)]
         current = self._redis.call("EVAL", CURRENT, len(windows), *windows)
+        # All awaited together, so that when Redis is down the replies not
+        # yet awaited do not fail unobserved (an unhandled error each).
+        replies = gatherResults(
+            [today, this_month, current, *hours], consumeErrors=True
+        )
         try:
-            today_flat = _checked(await today)
-            month_flat = _checked(await this_month)
-            hours_flat = [_checked(await d) for d in hours]
-            current_flat = _checked(await current)
+            flat = [_checked(reply) for reply in await replies]
         except Exception as e:
+            if isinstance(e, FirstError):
+                e = e.subFailure.value  # type: ignore[assignment]
             raise LimitsUnavailable(f"Redis failed: {e}") from None
+        today_flat, month_flat, current_flat, *hours_flat = flat
         return Report(
             day,
             month,

@@ -1,5 +1,5 @@
 """
-The container's health check: C{python -m openai_proxy.healthcheck}.
+The container's health check: C{python -m openai_proxy.ops.healthcheck}.
 
 It asks C{/healthz} where C{PORT} says the proxy listens (a number, or an
 endpoint description such as C{tcp:9010:interface=0.0.0.0},

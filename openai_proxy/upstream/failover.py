@@ -21,7 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
 
-from openai_proxy.relay import BytesProducer
+from openai_proxy.upstream.relay import BytesProducer
 
 #: Upstream statuses after which a request is tried once more on another key.
 _RETRIED = frozenset({401, 403, 429})

@@ -6,7 +6,7 @@ the in-process implementation.
 
 Windows slide over the last 60 seconds in one-second buckets, so a client
 is never let through twice its limit at a minute's edge and never waits more
-than a minute.  The Redis implementation (L{openai_proxy.redisstore}) runs
+than a minute.  The Redis implementation (L{openai_proxy.keys.redisstore}) runs
 the same algorithm in a server-side script.
 """
 
@@ -20,9 +20,9 @@ from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
-from openai_proxy.errors import ProxyError
-from openai_proxy.keys import NamedKey
-from openai_proxy.usagereport import HOURS_KEPT_DAYS, Current, Report
+from openai_proxy.http.errors import ProxyError
+from openai_proxy.keys.named import NamedKey
+from openai_proxy.keys.usagereport import HOURS_KEPT_DAYS, Current, Report
 
 #: Seconds a window spans.
 WINDOW = 60

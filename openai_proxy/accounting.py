@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import IO
 
 from twisted.logger import Logger
 from twisted.web.server import Request
@@ -75,6 +76,8 @@ class Accounting:
         @raise ProxyError: 403 for a model C{key} may not use, 429 over a
             limit, 503 when the limiter is down and C{on_error} is deny.
         """
+        # The client's body, before the proxy adds to it: an estimate's prompt.
+        request_bytes = _body_size(request)
         injected = inspect_request(request, key, self._inject)
         ticket = self._prefix + str(next(self._tickets))
         try:
@@ -87,11 +90,11 @@ class Accounting:
             _log.warn("limits not checked: {why}", why=e)
             if self._deny_on_error:
                 raise LIMITS_UNAVAILABLE from None
-            return Account(self, key, ticket, None, injected)
+            return Account(self, key, ticket, None, injected, request_bytes)
         if decision.denied is not None:
             self._metrics.rate_limited(key.name, decision.denied)
             raise rate_limited(key, decision)
-        return Account(self, key, ticket, decision, injected)
+        return Account(self, key, ticket, decision, injected, request_bytes)
 
     def _settle(self, account: Account) -> None:
         usage = account.meter.usage if account.meter is not None else None
@@ -110,12 +113,14 @@ class Account:
         ticket: str,
         decision: Decision | None,
         injected: bool,
+        request_bytes: int = 0,
     ) -> None:
         self._accounting = accounting
         self.key = key
         self.ticket = ticket
         self.decision = decision
         self.injected = injected
+        self.request_bytes = request_bytes
         self.meter: Meter | None = None
         self._closed = False
 
@@ -129,8 +134,13 @@ class Account:
     def metered(
         self, sink: Callable[[bytes], None], *, sse: bool
     ) -> Callable[[bytes], None]:
-        """A sink that counts the reply's tokens on the way to C{sink}."""
-        self.meter = Meter(sink, sse=sse, strip=self.injected)
+        """
+        A sink that counts the reply's tokens on the way to C{sink} (or,
+        should it end without usage, estimates them).
+        """
+        self.meter = Meter(
+            sink, sse=sse, strip=self.injected, request_bytes=self.request_bytes
+        )
         return self.meter.feed
 
     @property
@@ -148,6 +158,16 @@ class Account:
         if not self._closed:
             self._closed = True
             self._accounting._settle(self)
+
+
+def _body_size(request: Request) -> int:
+    content: IO[bytes] | None = request.content
+    if content is None:
+        return 0
+    at = content.tell()
+    size = content.seek(0, 2)
+    content.seek(at)
+    return size
 
 
 _ADMIN_ONLY = ProxyError(

@@ -147,6 +147,11 @@ class StreamEstimateTests(SynchronousTestCase):
         self.assertEqual(meter.usage, estimate(100, chars))
         self.assertTrue(meter.estimated)
 
+    def test_a_whole_stream_sent_without_usage_is_estimated_too(self) -> None:
+        # As with INJECT_USAGE=0, or an upstream that never reports usage.
+        meter, _ = meter_stream(chat_stream(["abc", "de"]), request_bytes=9)
+        self.assertEqual((meter.usage, meter.estimated), (estimate(9, 5), True))
+
     def test_tool_calls_and_completions_text_count_as_output(self) -> None:
         tool = chat_chunk()
         tool["choices"][0]["delta"] = {

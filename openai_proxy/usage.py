@@ -26,6 +26,7 @@ _PARSE_WHOLE = 65_536  # JSON replies up to this size are parsed whole
 #: The estimate of a token, in bytes of a request body or characters of
 #: output, for a reply whose usage the upstream did not report.
 BYTES_PER_TOKEN = 4
+_DELTA_DEPTH = 4  # how deep output text is looked for in a chat delta
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 
 
@@ -199,6 +200,7 @@ class Meter:
         self._size = 0
         self._scanner: MemberScanner | None = None
         self._output_chars = 0
+        self._ended = False
         self.usage: Usage | None = None
         #: Whether L{usage} is an estimate rather than the upstream's count.
         self.estimated = False
@@ -214,7 +216,13 @@ class Meter:
             self._event(event)
 
     def end(self) -> None:
-        """The body ended (whole or not): pass on what is pending, settle the usage."""
+        """
+        The body ended (whole or not): pass on what is pending, settle the
+        usage.  Later calls do nothing.
+        """
+        if self._ended:
+            return
+        self._ended = True
         if self._parser is not None:
             for event in self._parser.finish():
                 self._event(event)
@@ -226,7 +234,7 @@ class Meter:
             self._chunks = []
             try:
                 reply = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 # Cut short (or not JSON): a usage member read whole still counts.
                 self._scanner = MemberScanner("usage")
                 self._scanner.feed(body)
@@ -306,13 +314,16 @@ def _output_chars(obj: Any) -> int:
     return chars
 
 
-def _text_in(value: Any) -> int:
+def _text_in(value: Any, depth: int = 0) -> int:
     # Every string in a chat delta but its role: content, refusal, tool
-    # call names and arguments.
+    # call names and arguments (the deepest, at delta.tool_calls[].function
+    # .arguments; nothing deeper is looked at).
     if isinstance(value, str):
         return len(value)
+    if depth == _DELTA_DEPTH:
+        return 0
     if isinstance(value, dict):
-        return sum(_text_in(v) for k, v in value.items() if k != "role")
+        return sum(_text_in(v, depth + 1) for k, v in value.items() if k != "role")
     if isinstance(value, list):
-        return sum(_text_in(v) for v in value)
+        return sum(_text_in(v, depth + 1) for v in value)
     return 0

@@ -114,6 +114,20 @@ class JSONReplyUsageTests(SynchronousTestCase):
             body = json.dumps({"object": "chat.completion", "usage": usage}).encode()
             self.assertIsNone(meter_json(body).usage, usage)
 
+    def test_a_reply_nested_too_deep_to_parse_does_not_break_the_meter(
+        self,
+    ) -> None:
+        deep = b'{"usage": {"prompt_tokens": 1}, "x": ' + b"[" * 50_000
+        self.assertEqual(meter_json(deep).usage, Usage(1, 0))
+        event = b"data: " + b"[" * 50_000 + b"\n\n"
+        meter, passed = meter_stream([event], request_bytes=4)
+        self.assertEqual((passed, meter.usage), (event, estimate(4, 0)))
+
+    def test_ending_twice_keeps_the_usage(self) -> None:
+        meter = meter_json(json.dumps(responses_reply(USAGE_3000, {})).encode())
+        meter.end()
+        self.assertEqual((meter.usage, meter.estimated), (Usage(1000, 2000), False))
+
     def test_a_cut_reply_is_charged_an_estimate(self) -> None:
         body = json.dumps(responses_reply(USAGE_3000, {}, "x" * 1000)).encode()
         cut = body[:800]
@@ -300,3 +314,28 @@ class AbandonedStreamTests(_MeteredKeyTest):
         with self.assertRaises(openai.RateLimitError):
             await deferToThread(read_30_and_leave)
         self.assertEqual(len(self.fake.received), 2)
+
+    async def test_a_stream_the_upstream_cuts_is_charged_what_was_relayed(
+        self,
+    ) -> None:
+        self.fake.script = Script(
+            events=chat_stream(["hi "] * 37), hang_up_after=10, interval=0.005
+        )
+        body = json.dumps(
+            {"model": "gpt-fake", "stream": True, "messages": [{"role": "user"}]}
+        ).encode()
+        response = await self.http.post(
+            self.url("/v1/chat/completions"),
+            body,
+            headers={
+                "Authorization": f"Bearer {METERED}",
+                "Content-Type": "application/json",
+            },
+        )
+        got = await response.content()
+        self.assertIn(b"event: error", got)
+        counts = await self.usage()
+        charged = estimate(len(body), len("hi ") * 9)
+        self.assertEqual(
+            (counts["prompt_tokens"], counts["completion_tokens"]), tuple(charged)
+        )

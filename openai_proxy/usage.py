@@ -272,7 +272,7 @@ class Meter:
 
     def _event(self, event: SSEEvent) -> None:
         raw = event.raw
-        obj = event.json() if event.data and event.data[0] == "{" else None
+        obj = event.json() if event.data and event.data != "[DONE]" else None
         if obj is not None:
             usage = usage_of(obj)
             if usage is not None:

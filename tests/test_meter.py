@@ -206,6 +206,12 @@ class StreamEstimateTests(SynchronousTestCase):
         )
         self.assertEqual((meter.usage, meter.estimated), (Usage(1000, 2000), False))
 
+    def test_usage_after_blank_space_in_the_data_is_read(self) -> None:
+        # JSON may start with blank space, as the SDKs' parsers allow.
+        usage = b'{"choices": [], "usage": {"prompt_tokens": 3}}'
+        meter, _ = meter_stream([b"data:  \t" + usage + b"\n\n"], request_bytes=99)
+        self.assertEqual((meter.usage, meter.estimated), (Usage(3, 0), False))
+
     def test_a_stream_stripped_of_its_usage_and_cut_is_still_estimated(self) -> None:
         chunks = [chat_chunk("", role="assistant"), chat_chunk("abcd")]
         for chunk in chunks:

@@ -40,13 +40,13 @@ class SSEEvent:
     def json(self) -> object:
         """
         Return C{data} parsed as JSON, or L{None} when there is no data or it
-        is not JSON (e.g. C{[DONE]}).
+        is not JSON (e.g. C{[DONE]}) or is nested too deep to parse.
         """
         if self.data is None:
             return None
         try:
             return json.loads(self.data)
-        except ValueError:
+        except (ValueError, RecursionError):  # (nested too deep to parse)
             return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
+from typing import IO
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -95,6 +96,8 @@ class Accounting:
         @raise ProxyError: 429 over a limit, 503 when the limiter is down and
             C{on_error} is deny.
         """
+        # The client's body, as it came: an estimate's prompt.
+        request_bytes = _body_size(request)
         ticket = self._prefix + str(next(self._tickets))
         try:
             if self._decide is not None:
@@ -106,17 +109,22 @@ class Accounting:
             _log.warn("limits not checked: {why}", why=e)
             if self._deny_on_error:
                 raise LIMITS_UNAVAILABLE from None
-            return self._opened(key, ticket, None, injected)
+            return self._opened(key, ticket, None, injected, request_bytes)
         if decision.denied is not None:
             self._metrics.rate_limited(key.name, decision.denied)
             raise rate_limited(key, decision)
-        return self._opened(key, ticket, decision, injected)
+        return self._opened(key, ticket, decision, injected, request_bytes)
 
     def _opened(
-        self, key: NamedKey, ticket: str, decision: Decision | None, injected: bool
+        self,
+        key: NamedKey,
+        ticket: str,
+        decision: Decision | None,
+        injected: bool,
+        request_bytes: int,
     ) -> Account:
         self._unsettled += 1
-        return Account(self, key, ticket, decision, injected)
+        return Account(self, key, ticket, decision, injected, request_bytes)
 
     def _settle(self, account: Account) -> None:
         usage = account.meter.usage if account.meter is not None else None
@@ -141,12 +149,14 @@ class Account:
         ticket: str,
         decision: Decision | None,
         injected: bool,
+        request_bytes: int = 0,
     ) -> None:
         self._accounting = accounting
         self.key = key
         self.ticket = ticket
         self.decision = decision
         self.injected = injected
+        self.request_bytes = request_bytes
         self.meter: Meter | None = None
         self._closed = False
 
@@ -160,8 +170,13 @@ class Account:
     def metered(
         self, sink: Callable[[bytes], None], *, sse: bool
     ) -> Callable[[bytes], None]:
-        """A sink that counts the reply's tokens on the way to C{sink}."""
-        self.meter = Meter(sink, sse=sse, strip=self.injected)
+        """
+        A sink that counts the reply's tokens on the way to C{sink} (or,
+        should it end without usage, estimates them).
+        """
+        self.meter = Meter(
+            sink, sse=sse, strip=self.injected, request_bytes=self.request_bytes
+        )
         return self.meter.feed
 
     @property
@@ -179,3 +194,13 @@ class Account:
         if not self._closed:
             self._closed = True
             self._accounting._settle(self)
+
+
+def _body_size(request: Request) -> int:
+    content: IO[bytes] | None = request.content
+    if content is None:
+        return 0
+    at = content.tell()
+    size = content.seek(0, 2)
+    content.seek(at)
+    return size

@@ -245,6 +245,8 @@ class LocalLimiter:
     """
     Limits and usage kept in this process: with several worker processes,
     each enforces its own share.
+
+    @ivar clock: where the time comes from (a test may move it).
     """
 
     def __init__(
@@ -252,7 +254,7 @@ class LocalLimiter:
         clock: Callable[[], float] = time.time,
         calendar: QuotaCalendar | None = None,
     ) -> None:
-        self._clock = clock
+        self.clock = clock
         self.calendar = QuotaCalendar() if calendar is None else calendar
         self._keys: dict[str, _KeyState] = {}
         self._usage: dict[str, dict[str, dict[str, int]]] = {}
@@ -268,7 +270,7 @@ class LocalLimiter:
 
     def decide(self, key: NamedKey) -> Decision:
         """L{admit}, without the L{Deferred}."""
-        now = self._clock()
+        now = self.clock()
         state = self._keys.get(key.name)
         if state is None:
             state = self._keys[key.name] = _KeyState()
@@ -311,7 +313,7 @@ class LocalLimiter:
         return over_quota(key, today, month)
 
     def settle(self, key: NamedKey, ticket: str, usage: Usage | None) -> None:
-        now = self._clock()
+        now = self.clock()
         state = self._keys.get(key.name)
         if state is not None and state.in_flight > 0:
             state.in_flight -= 1

@@ -22,8 +22,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from openai_proxy.config import Config, ConfigError
 from openai_proxy.keys.limits import Decision, LocalLimiter, Usage
 from openai_proxy.keys.named import KeysFileError, NamedKey, parse_keys
-from openai_proxy.keys.quotas import QuotaCalendar, UnknownZone, quota_exceeded
-from openai_proxy.keys.redisstore import RedisStore
+from openai_proxy.keys.quotas import (
+    QuotaCalendar,
+    QuotaStatus,
+    UnknownZone,
+    quota_exceeded,
+)
+from openai_proxy.keys.redisstore import RedisStore, _hour_days
+from openai_proxy.ops.startup import summary
 from openai_proxy.upstream.failover import KeyPool
 from tests.fake_upstream import FakeOpenAI
 from tests.harness import JSON, Proxy, client
@@ -126,6 +132,33 @@ class CalendarTests(SynchronousTestCase):
         )
 
 
+class ShownTests(SynchronousTestCase):
+    def test_the_start_up_line_names_a_zone_other_than_utc(self) -> None:
+        env = {"KEYS_FILE": keys_file(self, QUOTAS_TOML), "OPEN_PROXY": "1"}
+        self.assertTrue(summary(Config.load({}, env)).endswith("; limits per process"))
+        line = summary(Config.load({}, {**env, "QUOTA_TZ": "Asia/Shanghai"}))
+        self.assertTrue(
+            line.endswith("; limits per process, days in Asia/Shanghai"), line
+        )
+
+    def test_redis_reads_the_utc_days_of_a_month_that_began_the_day_before(
+        self,
+    ) -> None:
+        # 2026-12-01 in Shanghai began at 2026-11-30 16:00 UTC.
+        now = float(calendar.timegm((2026, 12, 5, 8, 0, 0)))
+        start = QuotaCalendar("Asia/Shanghai").month_start(now)
+        self.assertEqual(
+            _hour_days(start, now),
+            ["2026-11-30", "2026-12-01", "2026-12-02", "2026-12-03"]
+            + ["2026-12-04", "2026-12-05"],
+        )
+        late = float(calendar.timegm((2026, 12, 20, 8, 0, 0)))
+        days = _hour_days(QuotaCalendar().month_start(late), late)
+        self.assertEqual(
+            (days[0], days[-1], len(days)), ("2026-12-01", "2026-12-20", 20)
+        )
+
+
 class LocalQuotaTests(SynchronousTestCase):
     def limiter(self, now: list[float], zone: str = "Asia/Shanghai") -> LocalLimiter:
         return LocalLimiter(lambda: now[0], QuotaCalendar(zone))
@@ -192,14 +225,7 @@ class LocalQuotaTests(SynchronousTestCase):
         self.assertEqual(report.day, "2026-12-06")
         self.assertEqual(
             report.quotas(key, now[0]),
-            {
-                "requests_per_day": {
-                    "limit": 1,
-                    "used": 1,
-                    "remaining": 0,
-                    "resets_at": "2026-12-07T00:00:00+08:00",
-                }
-            },
+            {"requests_per_day": QuotaStatus(1, 1, 0, "2026-12-07T00:00:00+08:00")},
         )
 
     def test_the_usage_days_follow_the_zone(self) -> None:

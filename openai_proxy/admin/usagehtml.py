@@ -237,12 +237,10 @@ def _quotas(key: NamedKey | None, report: Report, now: float) -> str:
     lines = []
     for kind, status in report.quotas(key, now).items():
         noun, when = _QUOTA_NAMES[kind]
-        used, limit, left = status["used"], status["limit"], status["remaining"]
-        assert isinstance(used, int) and isinstance(limit, int)
         lines.append(
-            f"{noun} {when}: {_used(used, limit)}<br>"
-            f'<span class="small">{left:,} left; resets '
-            f"{escape(str(status['resets_at']))}</span>"
+            f"{noun} {when}: {_used(status.used, status.limit)}<br>"
+            f'<span class="small">{status.remaining:,} left; resets '
+            f"{escape(status.resets_at)}</span>"
         )
     return "<br>".join(lines)
 

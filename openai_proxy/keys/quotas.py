@@ -13,7 +13,7 @@ import datetime
 import math
 import zoneinfo
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from openai_proxy.http.errors import ProxyError
 
@@ -180,26 +180,35 @@ def quota_exceeded(
     )
 
 
+class QuotaStatus(NamedTuple):
+    """
+    One quota of a key: its limit, what is used and left of it, and when it
+    starts afresh (an ISO time in the calendar's zone).
+    """
+
+    limit: int
+    used: int
+    remaining: int
+    resets_at: str
+
+
 def quota_status(
     key: NamedKey,
     today: Mapping[str, int],
     month: Mapping[str, int],
     calendar: QuotaCalendar,
     now: float,
-) -> dict[str, dict[str, object]]:
-    """
-    Per quota C{key} has: its limit, what is used and left of it, and when
-    it starts afresh (ISO time in the calendar's zone); empty without any.
-    """
-    out: dict[str, dict[str, object]] = {}
+) -> dict[str, QuotaStatus]:
+    """Per quota C{key} has (in L{QUOTA_KINDS} order), its status at C{now}."""
+    out = {}
     for kind in QUOTA_KINDS:
         limit = quota_of(key, kind)
         if limit is not None:
             used = used_of(kind, today, month)
-            out[kind] = {
-                "limit": limit,
-                "used": used,
-                "remaining": max(0, limit - used),
-                "resets_at": calendar.isoformat(quota_reset(calendar, kind, now)),
-            }
+            out[kind] = QuotaStatus(
+                limit,
+                used,
+                max(0, limit - used),
+                calendar.isoformat(quota_reset(calendar, kind, now)),
+            )
     return out

@@ -18,6 +18,7 @@ from openai_proxy.keys.quotas import (
     QUOTA_KINDS,
     UTC_CALENDAR,
     QuotaCalendar,
+    QuotaStatus,
     quota_status,
 )
 
@@ -86,7 +87,7 @@ class Report:
                     totals[index] += tokens
         return [(f"{self.month}-{d + 1:02d}", totals[d]) for d in range(today)]
 
-    def quotas(self, key: NamedKey, now: float) -> dict[str, dict[str, object]]:
+    def quotas(self, key: NamedKey, now: float) -> dict[str, QuotaStatus]:
         """What is used and left of each of C{key}'s quotas (see L{quota_status})."""
         return quota_status(
             key,
@@ -114,7 +115,10 @@ class Report:
             }
             key = None if keys_by_name is None else keys_by_name.get(name)
             if key is not None and key.has_quota:
-                entry["quota"] = self.quotas(key, now)
+                entry["quota"] = {
+                    kind: status._asdict()
+                    for kind, status in self.quotas(key, now).items()
+                }
             current = self.current.get(name)
             if current is not None:
                 entry["now"] = current._asdict()

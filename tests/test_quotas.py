@@ -398,6 +398,25 @@ class RedisQuotaTests(TestCase):
         refused = await store.admit(key, "t4")
         self.assertEqual((refused.denied, refused.quota_used), ("tokens_per_month", 25))
 
+    async def test_usage_counts_by_the_days_of_the_zone(self) -> None:
+        redis = await RedisServer.start(self)
+        # Kiritimati is UTC+14: its day is another than UTC's for most hours.
+        kiritimati = QuotaCalendar("Pacific/Kiritimati")
+        store = RedisStore(redis.url, reactor, KeyPool([]), calendar=kiritimati)
+        store.start()
+        self.addCleanup(lambda: Deferred.fromCoroutine(store.stop()))
+        await store.ready()
+        key = named(requests_per_day=5)
+        await store.admit(key, "t1")
+        store.settle(key, "t1", Usage(2, 1))
+        await store.ping()
+        now = time.time()
+        report = await store.report(now, ["q"])
+        self.assertEqual((report.day, report.month), kiritimati.periods(now))
+        self.assertEqual(report.today["q"]["requests"], 1)
+        self.assertEqual(report.month_days("q")[-1], (report.day, 3))
+        self.assertEqual(report.quotas(key, now)["requests_per_day"].remaining, 4)
+
 
 class TwoProcessQuotaTests(TestCase):
     skip = SKIP

@@ -63,6 +63,8 @@ class Report:
     current: dict[str, Current] = field(default_factory=dict)
     hours: dict[str, dict[int, int]] = field(default_factory=dict)
     calendar: QuotaCalendar = UTC_CALENDAR
+    # The day of each hour number asked about, shared by every key's series.
+    _dates: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     def recent_hours(self, name: str, now: float) -> list[tuple[int, int]]:
         """C{(hour, tokens)} for the last L{RECENT_HOURS} hours up to C{now}'s."""
@@ -78,9 +80,11 @@ class Report:
         """
         today = int(self.day[8:10])
         totals = [0] * today
-        date_of = self.calendar.date_of
+        dates, date_of = self._dates, self.calendar.date_of
         for hour, tokens in self.hours.get(name, {}).items():
-            date = date_of(hour * 3600)
+            date = dates.get(hour)
+            if date is None:
+                date = dates[hour] = date_of(hour * 3600)
             if date[:7] == self.month:
                 index = int(date[8:10]) - 1
                 if index < today:

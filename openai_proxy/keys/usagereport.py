@@ -64,7 +64,9 @@ class Report:
     hours: dict[str, dict[int, int]] = field(default_factory=dict)
     calendar: QuotaCalendar = UTC_CALENDAR
     # The day of each hour number asked about, shared by every key's series.
-    _dates: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+    _dates: dict[int, str] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def recent_hours(self, name: str, now: float) -> list[tuple[int, int]]:
         """C{(hour, tokens)} for the last L{RECENT_HOURS} hours up to C{now}'s."""

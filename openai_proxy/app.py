@@ -23,6 +23,7 @@ from openai_proxy.keys.accounting import Accounting
 from openai_proxy.keys.auth import KeyPolicy
 from openai_proxy.keys.limits import Limiter, LocalLimiter
 from openai_proxy.keys.named import KeyRegistry
+from openai_proxy.keys.quotas import QuotaCalendar
 from openai_proxy.moderation import Moderation
 from openai_proxy.ops.drain import DrainService, Readiness
 from openai_proxy.resource import ProxyResource
@@ -89,11 +90,14 @@ class ProxyApp(Service):
             pool=self.key_pool,
         )
         self.store: Any = None
-        self.limiter: Limiter = LocalLimiter()
+        calendar = QuotaCalendar(config.quota_tz)
+        self.limiter: Limiter = LocalLimiter(calendar=calendar)
         if config.redis_url is not None:
             from openai_proxy.keys.redisstore import RedisStore
 
-            self.store = RedisStore(config.redis_url, reactor, self.key_pool)
+            self.store = RedisStore(
+                config.redis_url, reactor, self.key_pool, calendar=calendar
+            )
             self.limiter = self.store
         self.accounting = Accounting(
             self.limiter,

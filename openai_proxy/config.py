@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from openai_proxy.cpus import available_cpus
 from openai_proxy.keys.named import KeysFileError, NamedKey, read_keys_file
+from openai_proxy.keys.quotas import QuotaCalendar, UnknownZone
 from openai_proxy.moderation.config import ModerationConfig
 from openai_proxy.settings import ConfigError as ConfigError
 from openai_proxy.settings import (
@@ -125,6 +126,8 @@ class Config:
     key_cooldown: float = 600.0
     redis_url: str | None = field(default=None, repr=False)
     limits_on_error: str = "allow"
+    #: The IANA time zone whose days and months the quotas and usage count.
+    quota_tz: str = "UTC"
 
     @classmethod
     def load(
@@ -304,6 +307,7 @@ class _KeySettings(TypedDict):
     key_cooldown: float
     redis_url: str | None
     limits_on_error: str
+    quota_tz: str
 
 
 def _key_settings(source: Source) -> _KeySettings:
@@ -341,4 +345,14 @@ def _key_settings(source: Source) -> _KeySettings:
             ("allow", "deny"),
             "allow",
         ),
+        "quota_tz": _quota_tz(source("quota-tz", "QUOTA_TZ")),
     }
+
+
+def _quota_tz(raw: str | None) -> str:
+    zone = (raw or "").strip() or Config.quota_tz
+    try:
+        QuotaCalendar(zone)
+    except UnknownZone as e:
+        raise ConfigError("--quota-tz/QUOTA_TZ", str(e)) from None
+    return zone

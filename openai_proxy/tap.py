@@ -90,6 +90,12 @@ _CORE_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
     ),
     ("key-cooldown", "KEY_COOLDOWN", "600", "Seconds a failed server key rests."),
     (
+        "quota-tz",
+        "QUOTA_TZ",
+        "UTC",
+        "Time zone (IANA) of the quotas' days and months.",
+    ),
+    (
         "limits-on-error",
         "LIMITS_ON_ERROR",
         "allow",

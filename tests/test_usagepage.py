@@ -232,7 +232,15 @@ class LocalCountsTests(SynchronousTestCase):
         )
         self.assertEqual(entry["days"], {"2026-12-06": 17})
         self.assertEqual(
-            entry["today"]["refused"], {"requests": 1, "tokens": 0, "concurrency": 0}
+            entry["today"]["refused"],
+            {
+                "requests": 1,
+                "tokens": 0,
+                "concurrency": 0,
+                "requests_per_day": 0,
+                "tokens_per_day": 0,
+                "tokens_per_month": 0,
+            },
         )
         self.assertEqual(entry["now"], {"requests": 1, "tokens": 0, "in_flight": 0})
 

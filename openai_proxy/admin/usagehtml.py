@@ -1,5 +1,6 @@
 """
-The C{/usage} page as HTML: per-key limits and counts, the last 48 hours and
+The C{/usage} page as HTML: per-key limits, counts and what is left of each
+quota, the last 48 hours and
 this month drawn as bars (with their numbers as tables), and the server-key
 pool.  Plain HTML and inline SVG: no script, nothing fetched from elsewhere,
 every name escaped, and no secret (not a key, nor a prefix of one).
@@ -119,7 +120,7 @@ def render_page(data: PageData) -> bytes:
     else:
         parts.append(
             f'<p class="meta">Today is {escape(report.day)}, this month '
-            f"{escape(report.month)} (UTC).</p>"
+            f"{escape(report.month)} ({escape(report.calendar.name)}).</p>"
         )
     names = [k.name for k in data.keys]
     if report is not None:
@@ -176,6 +177,7 @@ def _keys_table(
         '<th scope="col">In flight<br><span class="small">now / concurrency</span></th>'
         '<th scope="col">Today</th>'
         '<th scope="col">This month</th>'
+        '<th scope="col">Quotas<br><span class="small">used / limit, left</span></th>'
         "</tr>"
     )
     rows = []
@@ -189,10 +191,11 @@ def _keys_table(
         current = None if report is None else report.current.get(name)
         cells += _now_cells(key, current)
         if report is None:
-            cells += [_td("Today", "–"), _td("This month", "–")]
+            cells += [_td("Today", "–"), _td("This month", "–"), _td("Quotas", "–")]
         else:
             cells.append(_td("Today", _period(report.today.get(name, {}))))
             cells.append(_td("This month", _period(report.this_month.get(name, {}))))
+            cells.append(_td("Quotas", _quotas(key, report, now)))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (
         '<div class="scroll"><table class="keys">'
@@ -219,11 +222,41 @@ def _period(counts: dict[str, int]) -> str:
     return "<br>".join(lines)
 
 
+_QUOTA_NAMES = {
+    "requests_per_day": ("requests", "today"),
+    "tokens_per_day": ("tokens", "today"),
+    "tokens_per_month": ("tokens", "this month"),
+}
+
+
+def _quotas(key: NamedKey | None, report: Report, now: float) -> str:
+    if key is None:
+        return "–"
+    if not key.has_quota:
+        return '<span class="small">no quota</span>'
+    lines = []
+    for kind, status in report.quotas(key, now).items():
+        noun, when = _QUOTA_NAMES[kind]
+        lines.append(
+            f"{noun} {when}: {_used(status.used, status.limit)}<br>"
+            f'<span class="small">{status.remaining:,} left; resets '
+            f"{escape(status.resets_at)}</span>"
+        )
+    return "<br>".join(lines)
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
-_LIMIT_NAMES = {"requests": "rpm", "tokens": "tpm", "concurrency": "concurrency"}
+_LIMIT_NAMES = {
+    "requests": "rpm",
+    "tokens": "tpm",
+    "concurrency": "concurrency",
+    "requests_per_day": "requests_per_day",
+    "tokens_per_day": "tokens_per_day",
+    "tokens_per_month": "tokens_per_month",
+}
 
 
 def _now_cells(key: NamedKey | None, current: Current | None) -> list[str]:
@@ -308,7 +341,12 @@ def _charts(names: Sequence[str], report: Report, now: float) -> str:
                 day_series,
             ),
             "</div>",
-            _numbers_table("Tokens per day", "Day (UTC)", day_labels, day_series),
+            _numbers_table(
+                "Tokens per day",
+                f"Day ({report.calendar.name})",
+                day_labels,
+                day_series,
+            ),
         ]
     )
 

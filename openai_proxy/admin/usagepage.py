@@ -66,8 +66,8 @@ def usage_unavailable() -> ProxyError:
 class UsagePage:
     """
     Answers C{GET /usage} for a request bearing the admin key: JSON (per-key
-    counts for today and this month, what each key uses now, tokens per
-    hour) unless the client prefers HTML, then a page showing the same and
+    counts for today and this month, what each key uses now and has left
+    of its quotas, tokens per hour) unless the client prefers HTML, then a page showing the same and
     the server-key pool.
 
     @param where: where the counters live, in words, for the page.
@@ -114,7 +114,8 @@ class UsagePage:
                 write_error(request, usage_unavailable())
                 return
             names += sorted(set(report.this_month) - set(names))
-            body = json.dumps(report.as_json(names, now)).encode("utf-8")
+            by_name = {k.name: k for k in keys}
+            body = json.dumps(report.as_json(names, now, by_name)).encode("utf-8")
             request.setHeader(b"content-type", JSON_CONTENT_TYPE)
         else:
             benches = () if self._pool is None else self._pool.bench_ends()

@@ -25,6 +25,7 @@ from openai_proxy.keys.limits import (
     rate_limited,
 )
 from openai_proxy.keys.named import NamedKey
+from openai_proxy.keys.quotas import QUOTA_KINDS, quota_exceeded
 from openai_proxy.keys.usage import Meter
 from openai_proxy.telemetry.metrics import Metrics
 
@@ -93,7 +94,8 @@ class Accounting:
         Admit a request on C{key} (whose body was checked already), or
         refuse it.  C{injected}: the proxy asked for the stream's usage.
 
-        @raise ProxyError: 429 over a limit, 503 when the limiter is down and
+        @raise ProxyError: 429 over a limit (C{insufficient_quota} over a
+            quota), 503 when the limiter is down and
             C{on_error} is deny.
         """
         # The client's body, as it came: an estimate's prompt.
@@ -112,6 +114,8 @@ class Accounting:
             return self._opened(key, ticket, None, injected, request_bytes)
         if decision.denied is not None:
             self._metrics.rate_limited(key.name, decision.denied)
+            if decision.denied in QUOTA_KINDS:
+                raise quota_exceeded(key, decision, self.limiter.calendar)
             raise rate_limited(key, decision)
         return self._opened(key, ticket, decision, injected, request_bytes)
 

@@ -1,6 +1,7 @@
 """
-Per-key limits (requests per minute, tokens per minute, requests in flight)
-and usage counts: the L{Limiter} interface, what a decision looks like to a
+Per-key limits (requests per minute, tokens per minute, requests in flight,
+and the quotas per day and month of L{openai_proxy.keys.quotas}) and usage
+counts: the L{Limiter} interface, what a decision looks like to a
 client (429 body and C{x-ratelimit-*} headers, shaped like OpenAI's), and
 the in-process implementation.
 
@@ -16,12 +17,19 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
 from openai_proxy.http.errors import ProxyError
 from openai_proxy.keys.named import NamedKey
+from openai_proxy.keys.quotas import (
+    QUOTA_KINDS,
+    UTC_CALENDAR,
+    QuotaCalendar,
+    over_quota,
+    quota_reset,
+)
 from openai_proxy.keys.usagereport import HOURS_KEPT_DAYS, Current, Report
 
 #: Seconds a window spans.
@@ -29,7 +37,7 @@ WINDOW = 60
 #: Seconds a client over its concurrency limit is told to wait.
 CONCURRENCY_RETRY = 1.0
 #: The C{limit} label values of C{openai_proxy_rate_limited_total}.
-LIMIT_KINDS = ("requests", "tokens", "concurrency")
+LIMIT_KINDS = ("requests", "tokens", "concurrency", *QUOTA_KINDS)
 
 
 class Decision(NamedTuple):
@@ -45,6 +53,8 @@ class Decision(NamedTuple):
     @ivar tokens_used: tokens charged in the window.
     @ivar requests_reset / tokens_reset: seconds until the oldest request /
         tokens in the window leave it.
+    @ivar quota_used / quota_reset: for a refusal by a quota, what was used
+        of it and when it starts afresh (epoch seconds).
     """
 
     denied: str | None = None
@@ -53,6 +63,8 @@ class Decision(NamedTuple):
     requests_reset: float = 0.0
     tokens_used: int = 0
     tokens_reset: float = 0.0
+    quota_used: int = 0
+    quota_reset: float = 0.0
 
 
 class Usage(NamedTuple):
@@ -67,7 +79,12 @@ class LimitsUnavailable(Exception):
 
 
 class Limiter(Protocol):
-    """Where limits are checked and usage is counted."""
+    """
+    Where limits are checked and usage is counted; days and months (of the
+    usage counts and the quotas) are those of C{calendar}.
+    """
+
+    calendar: QuotaCalendar
 
     def admit(self, key: NamedKey, ticket: str) -> Deferred[Decision]:
         """
@@ -88,16 +105,7 @@ class Limiter(Protocol):
 
 def periods(now: float) -> tuple[str, str]:
     """The UTC day (C{YYYY-MM-DD}) and month (C{YYYY-MM}) of C{now}."""
-    second = int(now)
-    if second != _last_period[0]:
-        # Asked several times per request: format once a second.
-        day = time.strftime("%Y-%m-%d", time.gmtime(second))
-        _last_period[:] = [second, (day, day[:7])]
-    found: tuple[str, str] = _last_period[1]
-    return found
-
-
-_last_period: list[Any] = [None, ("", "")]
+    return UTC_CALENDAR.periods(now)
 
 
 def format_reset(seconds: float) -> str:
@@ -237,10 +245,17 @@ class LocalLimiter:
     """
     Limits and usage kept in this process: with several worker processes,
     each enforces its own share.
+
+    @ivar clock: where the time comes from (a test may move it).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        calendar: QuotaCalendar | None = None,
+    ) -> None:
+        self.clock = clock
+        self.calendar = QuotaCalendar() if calendar is None else calendar
         self._keys: dict[str, _KeyState] = {}
         self._usage: dict[str, dict[str, dict[str, int]]] = {}
         # Per key name: the periods() pair last seen, and its count dicts.
@@ -255,7 +270,7 @@ class LocalLimiter:
 
     def decide(self, key: NamedKey) -> Decision:
         """L{admit}, without the L{Deferred}."""
-        now = self._clock()
+        now = self.clock()
         state = self._keys.get(key.name)
         if state is None:
             state = self._keys[key.name] = _KeyState()
@@ -263,7 +278,13 @@ class LocalLimiter:
         requests.trim(now)
         tokens.trim(now)
         denied, retry = None, 0.0
-        if key.concurrency is not None and state.in_flight >= key.concurrency:
+        quota_used, reset_at = 0, 0.0
+        # A quota first: when one is spent, the minute's limits are moot.
+        if key.has_quota and (over := self._over_quota(key, now)) is not None:
+            denied, quota_used = over
+            reset_at = quota_reset(self.calendar, denied, now)
+            retry = reset_at - now
+        elif key.concurrency is not None and state.in_flight >= key.concurrency:
             denied, retry = "concurrency", CONCURRENCY_RETRY
         elif key.rpm is not None and requests.total >= key.rpm:
             denied, retry = "requests", requests.wait(key.rpm, now)
@@ -283,10 +304,16 @@ class LocalLimiter:
             requests.reset(now),
             tokens.total,
             tokens.reset(now),
+            quota_used,
+            reset_at,
         )
 
+    def _over_quota(self, key: NamedKey, now: float) -> tuple[str, int] | None:
+        today, month = self._tables_now(key.name, now)
+        return over_quota(key, today, month)
+
     def settle(self, key: NamedKey, ticket: str, usage: Usage | None) -> None:
-        now = self._clock()
+        now = self.clock()
         state = self._keys.get(key.name)
         if state is not None and state.in_flight > 0:
             state.in_flight -= 1
@@ -320,20 +347,24 @@ class LocalLimiter:
     def _count(
         self, name: str, now: float, amounts: tuple[tuple[str, int], ...]
     ) -> None:
-        current = periods(now)
-        found = self._counts.get(name)
-        if found is None or found[0] is not current:
-            found = self._counts[name] = (current, self._tables(name, now, current))
-        for counts in found[1]:
+        for counts in self._tables_now(name, now):
             for what, amount in amounts:
                 if amount:
                     counts[what] = counts.get(what, 0) + amount
+
+    def _tables_now(self, name: str, now: float) -> tuple[dict[str, int], ...]:
+        # The count dicts of C{name} for the day and month of C{now}.
+        current = self.calendar.periods(now)
+        found = self._counts.get(name)
+        if found is None or found[0] is not current:
+            found = self._counts[name] = (current, self._tables(name, now, current))
+        return found[1]
 
     def _tables(
         self, name: str, now: float, current: tuple[str, str]
     ) -> tuple[dict[str, int], ...]:
         # The count dicts of C{name} for the day and month of C{now}; found
-        # again only when periods() hands out a new pair (once a second).
+        # again only when the calendar hands out a new pair (once a day).
         tables = []
         for period in current:
             table = self._usage.get(period)
@@ -347,13 +378,13 @@ class LocalLimiter:
         return tuple(tables)
 
     def _forget_old(self, now: float) -> None:
-        current = periods(now)
+        current = self.calendar.periods(now)
         for period in list(self._usage):
             if period not in current:
                 del self._usage[period]
 
     def report(self, now: float, names: Sequence[str] = ()) -> Deferred[Report]:
-        day, month = periods(now)
+        day, month = self.calendar.periods(now)
         current = {}
         for name in names:
             state = self._keys.get(name)
@@ -373,5 +404,6 @@ class LocalLimiter:
                 {k: dict(v) for k, v in self._usage.get(month, {}).items()},
                 current,
                 {k: dict(v) for k, v in self._hours.items()},
+                self.calendar,
             )
         )

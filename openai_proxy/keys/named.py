@@ -10,6 +10,9 @@ The file is TOML, one C{[[keys]]} table per key::
     rpm = 60                        # requests per minute
     tpm = 40000                     # tokens per minute
     concurrency = 4                 # requests in flight
+    requests_per_day = 5000         # quotas, by the calendar of QUOTA_TZ
+    tokens_per_day = 2000000
+    tokens_per_month = 40000000
     models = ["gpt-4o*"]            # allowed model names (globs)
     paths = ["POST /v1/chat/completions", "/v1/embeddings"]  # paths (globs)
     expires = 2026-12-31T23:59:59Z  # a TOML date-time
@@ -25,7 +28,7 @@ import hmac
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.logger import Logger
@@ -41,6 +44,15 @@ _log = Logger()
 _FIELDS = frozenset(
     {"name", "key", "sha256", "rpm", "tpm", "concurrency", "models"}
     | {"expires", "disabled", "paths"}
+    | {"requests_per_day", "tokens_per_day", "tokens_per_month"}
+)
+_COUNTED = (
+    "rpm",
+    "tpm",
+    "concurrency",
+    "requests_per_day",
+    "tokens_per_day",
+    "tokens_per_month",
 )
 
 
@@ -68,6 +80,20 @@ class NamedKey:
     paths: tuple[str, ...] = ()
     expires: datetime.datetime | None = None
     disabled: bool = False
+    requests_per_day: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    #: Whether any of the quotas applies (worked out once: asked at every
+    #: admission, where a key without quotas must pay nothing for them).
+    has_quota: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        quota = (
+            self.requests_per_day is not None
+            or self.tokens_per_day is not None
+            or self.tokens_per_month is not None
+        )
+        object.__setattr__(self, "has_quota", quota)
 
     @property
     def limited(self) -> bool:
@@ -188,13 +214,13 @@ def _parse_entry(where: str, entry: dict[str, Any]) -> NamedKey:
         if len(digest) != 32:
             raise KeysFileError(f"{where}: 'sha256' must be 64 hex digits")
     limits = {}
-    for field in ("rpm", "tpm", "concurrency"):
-        value = entry.get(field)
+    for what in _COUNTED:
+        value = entry.get(what)
         if value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
         ):
-            raise KeysFileError(f"{where}: {field!r} must be a whole number ≥ 1")
-        limits[field] = value
+            raise KeysFileError(f"{where}: {what!r} must be a whole number ≥ 1")
+        limits[what] = value
     models = entry.get("models", [])
     if not isinstance(models, list) or not all(
         isinstance(m, str) and m for m in models
@@ -224,6 +250,9 @@ def _parse_entry(where: str, entry: dict[str, Any]) -> NamedKey:
         paths=tuple(paths),
         expires=expires,
         disabled=disabled,
+        requests_per_day=limits["requests_per_day"],
+        tokens_per_day=limits["tokens_per_day"],
+        tokens_per_month=limits["tokens_per_month"],
     )
 
 

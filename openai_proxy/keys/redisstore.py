@@ -19,8 +19,9 @@ from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from openai_proxy.keys.limits import Decision, LimitsUnavailable, Usage, periods
+from openai_proxy.keys.limits import Decision, LimitsUnavailable, Usage
 from openai_proxy.keys.named import NamedKey
+from openai_proxy.keys.quotas import QUOTA_KINDS, QuotaCalendar, quota_reset
 from openai_proxy.keys.resp import (
     Arg,
     LostReply,
@@ -104,20 +105,42 @@ end
 """
 
 #: KEYS: requests window, tokens window, in-flight set, day usage, month
-#: usage.  ARGV: rpm, tpm, concurrency (0: none), lease, key name, ticket
-#: (the ticket last: all before it is the same for every request of a key).
+#: usage.  ARGV: rpm, tpm, concurrency (0: none), lease, key name, requests
+#: per day, tokens per day, tokens per month (0: none), ticket (the ticket
+#: last: all before it is the same for every request of a key).  A quota is
+#: checked against the day and month usage counts, which the script has at
+#: hand: no round trip of its own.
 ADMIT = (
     _WINDOW_LUA
     + """
 local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rpd, tpd, tpmo = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local rtotal, roldest = 0, nil
 if rpm > 0 then rtotal, roldest = trim(KEYS[1]) end
 local ttotal, toldest = 0, nil
 if tpm > 0 then ttotal, toldest = trim(KEYS[2]) end
-local denied, retry = '', 0
+local denied, retry, qused = '', 0, 0
+local function tokens(key)
+  local c = redis.call('HMGET', key, ARGV[5] .. '|prompt_tokens', ARGV[5] .. '|completion_tokens')
+  return (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0)
+end
+if rpd > 0 then
+  local used = tonumber(redis.call('HGET', KEYS[4], ARGV[5] .. '|requests')) or 0
+  if used >= rpd then denied, qused = 'requests_per_day', used end
+end
+if denied == '' and tpd > 0 then
+  local used = tokens(KEYS[4])
+  if used >= tpd then denied, qused = 'tokens_per_day', used end
+end
+if denied == '' and tpmo > 0 then
+  local used = tokens(KEYS[5])
+  if used >= tpmo then denied, qused = 'tokens_per_month', used end
+end
 if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZCARD', KEYS[3]) >= conc then denied, retry = 'concurrency', 1 end
+  if denied == '' and redis.call('ZCARD', KEYS[3]) >= conc then
+    denied, retry = 'concurrency', 1
+  end
 end
 if denied == '' and rpm > 0 and rtotal >= rpm then
   denied, retry = 'requests', wait(KEYS[1], rtotal, rpm, roldest)
@@ -132,7 +155,7 @@ if denied == '' then
     roldest = roldest or sec
   end
   if conc > 0 then
-    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[6])
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[9])
     redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[4])))
   end
   redis.call('HINCRBY', KEYS[4], ARGV[5] .. '|requests', 1)
@@ -146,7 +169,7 @@ else
   redis.call('EXPIRE', KEYS[5], 3024000)
 end
 return {denied, math.ceil(retry * 1000), rtotal, math.ceil(reset(roldest) * 1000),
-        ttotal, math.ceil(reset(toldest) * 1000)}
+        ttotal, math.ceil(reset(toldest) * 1000), qused}
 """
 )
 
@@ -251,8 +274,10 @@ class RedisStore:
         *,
         lease: float | None = None,
         renew_every: float | None = None,
+        calendar: QuotaCalendar | None = None,
     ) -> None:
         self._reactor = reactor
+        self.calendar = QuotaCalendar() if calendar is None else calendar
         self._pool = pool
         self._lease = LEASE if lease is None else lease
         self._redis = RedisClient(
@@ -312,9 +337,10 @@ class RedisStore:
         now = self._reactor.seconds()
         second = int(now)
         if second != self._periods_at:
-            day, month = periods(now)
+            day, month = self.calendar.periods(now)
             self._period_keys = (_usage_key(day), _usage_key(month))
-            self._hours_key = _hours_key(day)
+            # Tokens per hour are kept by UTC day, whatever the calendar.
+            self._hours_key = _hours_key(_utc_day(second))
             self._hour = bulk(second // 3600 % 24)
             self._periods_at = second
         return self._period_keys
@@ -331,6 +357,9 @@ class RedisStore:
                     key.concurrency or 0,
                     repr(self._lease),
                     key.name,
+                    key.requests_per_day or 0,
+                    key.tokens_per_day or 0,
+                    key.tokens_per_month or 0,
                 ),
                 1,
             )
@@ -339,7 +368,7 @@ class RedisStore:
 
         def decided(reply: Reply) -> None:
             try:
-                decision = _decision(reply)
+                decision = self._decision(reply)
             except LimitsUnavailable as e:
                 d.errback(e)
             else:
@@ -386,6 +415,18 @@ class RedisStore:
         """How many of this process's requests hold a slot whose lease it renews."""
         return len(self._live)
 
+    def _decision(self, reply: Reply) -> Decision:
+        decision = _decision(reply)
+        if decision.denied in QUOTA_KINDS:
+            # The day and month are this process's (the usage keys it
+            # named), and so is when they end.
+            now = self._reactor.seconds()
+            reset_at = quota_reset(self.calendar, decision.denied, now)
+            decision = decision._replace(
+                retry_after=reset_at - now, quota_reset=reset_at
+            )
+        return decision
+
     def _renew(self) -> None:
         """Renew the leases of every request in flight: one script for all."""
         if not self._live:
@@ -413,11 +454,11 @@ class RedisStore:
         return Deferred.fromCoroutine(self._report(now, names))
 
     async def _report(self, now: float, names: Sequence[str]) -> Report:
-        day, month = periods(now)
+        day, month = self.calendar.periods(now)
         # Every command sent before any is awaited: one round trip.
         today = self._redis.call("HGETALL", _usage_key(day))
         this_month = self._redis.call("HGETALL", _usage_key(month))
-        days = _hour_days(now, day)
+        days = _hour_days(self.calendar.month_start(now), now)
         hours = [self._redis.call("HGETALL", _hours_key(d)) for d in days]
         windows = [w for name in names for w in _windows(name)]
         current = self._redis.call("EVAL", CURRENT, len(windows), *windows)
@@ -440,6 +481,7 @@ class RedisStore:
             _by_name(month_flat),
             _current(names, current_flat),
             _hours_by_name(days, hours_flat),
+            self.calendar,
         )
 
     def _share_bench(self, index: int, seconds: float) -> None:
@@ -471,10 +513,10 @@ class RedisStore:
 def _decision(reply: Reply) -> Decision:
     if isinstance(reply, RedisError):
         raise LimitsUnavailable(f"Redis failed: {reply}")
-    if not isinstance(reply, list) or len(reply) != 6:
+    if not isinstance(reply, list) or len(reply) != 7:
         raise LimitsUnavailable(f"Redis answered the admission with {reply!r}")
     denied, *numbers = reply
-    retry_ms, requests, requests_reset, tokens, tokens_reset = (
+    retry_ms, requests, requests_reset, tokens, tokens_reset, quota_used = (
         n if isinstance(n, int) else 0 for n in numbers
     )
     return Decision(
@@ -484,6 +526,7 @@ def _decision(reply: Reply) -> Decision:
         requests_reset / 1000,
         tokens,
         tokens_reset / 1000,
+        quota_used,
     )
 
 
@@ -533,18 +576,16 @@ def _hours_key(day: str) -> str:
     return f"{_PREFIX}hours:{day}"
 
 
-def _hour_days(now: float, day: str) -> list[str]:
-    # This month's days, and the two before today (the last 48 hours may
-    # reach into last month).
-    first = int(now) - int(day[8:10]) * 86400
-    start = min(first, int(now) - 3 * 86400)
-    return sorted(
-        {
-            time.strftime("%Y-%m-%d", time.gmtime(second))
-            for second in range(start + 86400, int(now) + 1, 86400)
-        }
-        | {day}
-    )
+def _hour_days(month_start: float, now: float) -> list[str]:
+    # The UTC days of this month (of the calendar: it may begin on the UTC
+    # day before), and the two before today (the last 48 hours may reach
+    # into last month).
+    first = int(min(month_start, now - 2 * 86400)) // 86400
+    return [_utc_day(d * 86400) for d in range(first, int(now) // 86400 + 1)]
+
+
+def _utc_day(second: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(second))
 
 
 def _checked(reply: Reply) -> Reply:

@@ -48,7 +48,10 @@ def summary(config: Config) -> str:
         parts.append("metrics on " + config.metrics_listen)
     if config.keys_file is not None:
         # Where limits are kept decides whether they hold across processes.
-        parts.append("limits " + ("in redis" if config.redis_url else "per process"))
+        limits = "limits " + ("in redis" if config.redis_url else "per process")
+        if config.quota_tz != Config.quota_tz:
+            limits += f", days in {config.quota_tz}"
+        parts.append(limits)
     return f"openai-proxy {package_version()}: " + "; ".join(parts)
 
 

@@ -19,9 +19,9 @@ from openai_proxy.moderation import (
 )
 from openai_proxy.moderation.backends import Backend
 from openai_proxy.realtime.filters import Message
+from openai_proxy.realtime.messages import PARSE_ON_REACTOR
 from openai_proxy.realtime.moderate import (
     MAX_HELD,
-    PARSE_ON_REACTOR,
     ModerationFilter,
     session_moderation,
 )
@@ -73,6 +73,10 @@ class Session:
             self.filter.from_client(m)
 
 
+def without_ids(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in e.items() if k != "event_id"} for e in events]
+
+
 def of_type(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == kind]
 
@@ -120,7 +124,8 @@ class BlockedSentenceTests(TestCase):
         s = Session()
         self.speak(s, RealtimeTurn("resp_1", "item_1"))
         self.assertEqual(
-            s.upstream.events, [{"type": "response.cancel", "response_id": "resp_1"}]
+            without_ids(s.upstream.events),
+            [{"type": "response.cancel", "response_id": "resp_1"}],
         )
 
     def test_no_event_carries_the_blocked_sentence_or_what_follows(self) -> None:
@@ -206,6 +211,44 @@ class BlockedSentenceTests(TestCase):
             f.from_upstream(m)
         self.assertFalse(client.carried("bomb"))
         self.assertEqual(upstream.types, ["response.cancel"])
+
+
+class CancelTests(TestCase):
+    def test_the_upstreams_answer_to_a_late_cancel_is_not_relayed(self) -> None:
+        # The response ended upstream while the cancel was on its way: the
+        # upstream answers it with an error the client never asked for.
+        s = Session()
+        turn = RealtimeTurn("resp_1", "item_1")
+        s.up(turn.start(), *map(turn.delta, SPOKEN))
+        [cancel] = s.upstream.events
+        shown = len(s.client.sent)
+        late = {
+            "type": "error",
+            "event_id": "event_9",
+            "error": {
+                "type": "invalid_request_error",
+                "code": "response_cancel_not_active",
+                "message": "no active response",
+                "param": None,
+                "event_id": cancel["event_id"],
+            },
+        }
+        s.up(turn.finish(WHOLE), message(late))
+        self.assertEqual(len(s.client.sent), shown)
+        # Any other error is the client's to see.
+        other = message({**late, "error": {**late["error"], "event_id": None}})
+        s.up(other)
+        self.assertEqual(s.client.sent[-1], other)
+
+    def test_a_response_that_ended_upstream_is_not_cancelled(self) -> None:
+        backend = ManualBackend()
+        s = Session(backend)
+        turn = RealtimeTurn("resp_1", "item_1", audio=False)
+        s.up(turn.start(), turn.delta("Say bomb"), turn.finish("Say bomb")[-1])
+        answer(backend, "Say bomb", Verdict.BLOCK)
+        self.assertEqual(s.upstream.sent, [])
+        self.assertEqual(s.client.types[-2:], ["error", "response.done"])
+        self.assertFalse(s.client.carried("bomb"))
 
 
 class BetaNamesTests(TestCase):
@@ -325,6 +368,44 @@ class BackendDownTests(TestCase):
         s.up(sent)
         self.assertEqual(s.client.sent, sent)
         self.assertEqual(s.upstream.sent, [])
+
+
+class SlowBackend(FixedBackend):
+    """Answers at once, except texts with "slow", which wait for the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Deferred[Verdict]] = []
+
+    def check(self, text: str, upstream_key: str) -> Deferred[Verdict]:
+        if "slow" in text:
+            d: Deferred[Verdict] = Deferred()
+            self.waiting.append(d)
+            return d
+        return super().check(text, upstream_key)
+
+
+class SharedBackendTests(TestCase):
+    def test_a_slow_check_holds_only_its_own_session(self) -> None:
+        backend = SlowBackend()
+        shared = moderation(backend)
+        sessions = []
+        for _ in range(2):
+            plan, _ = session_moderation(shared, b"")
+            assert plan is not None
+            client, upstream = RecordingPeer(), RecordingPeer()
+            sessions.append((ModerationFilter(client, upstream, plan, "k"), client))
+        (slow, slow_client), (quick, quick_client) = sessions
+        first, second = RealtimeTurn("r1", "i1"), RealtimeTurn("r2", "i2")
+        for m in [*first.start(), first.delta("A slow one. "), *first.finish("x")]:
+            slow.from_upstream(m)
+        sent = [*second.start(), second.delta("Quick. "), *second.finish("Quick. ")]
+        for m in sent:
+            quick.from_upstream(m)
+        self.assertEqual(quick_client.sent, sent)
+        self.assertEqual(len(slow_client.sent), len(first.start()))
+        backend.waiting[0].callback(Verdict.PASS)
+        self.assertEqual(slow_client.types[-1], "response.done")
 
 
 class HeldBoundTests(TestCase):
@@ -448,6 +529,21 @@ class InputTests(TestCase):
         self.assertEqual(s.upstream.sent, [])
         self.assertEqual(s.client.events[0]["code"], "content_filter")
 
+    def test_a_judged_event_naming_a_field_twice_is_refused(self) -> None:
+        # The upstream might read the first "item" where this proxy reads
+        # the last.
+        s = self.input_session()
+        data = (
+            b'{"type": "conversation.item.create", "event_id": "e",'
+            b' "item": {"type": "message", "role": "user", "content":'
+            b' [{"type": "input_text", "text": "bomb"}]},'
+            b' "item": {"type": "message", "role": "user", "content":'
+            b' [{"type": "input_text", "text": "fine"}]}}'
+        )
+        s.down(Message(data, True))
+        self.assertEqual(s.upstream.sent, [])
+        self.assertEqual(s.client.events[0]["error"]["code"], "invalid_event")
+
     def test_messages_keep_their_order_behind_a_judged_one(self) -> None:
         backend = ManualBackend()
         s = self.input_session(backend)
@@ -482,7 +578,7 @@ class InputTests(TestCase):
         s.up(transcript, turn.delta("here it is."), turn.audio_delta())
         self.assertFalse(s.client.carried("bomb"))
         self.assertEqual(
-            s.upstream.events,
+            without_ids(s.upstream.events),
             [
                 {"type": "conversation.item.delete", "item_id": "item_user"},
                 {"type": "response.cancel", "response_id": "resp_1"},

@@ -92,19 +92,19 @@ def event_id() -> str:
     return "event_proxy_" + uuid.uuid4().hex[:20]
 
 
-def content_filter_error(
-    message: str, responses: bool, sequence: int
+def error_event(
+    message: str, responses: bool, sequence: int, code: str = "content_filter"
 ) -> dict[str, Any]:
     """
-    The C{error} event that tells the client what moderation stopped:
-    C{invalid_request_error}, code C{content_filter}, in the Realtime shape
-    or the Responses-over-WebSocket one.
+    An C{error} event of type C{invalid_request_error} (C{code}, by default
+    C{content_filter}: moderation stopped something), in the Realtime shape
+    or the Responses-over-WebSocket one (numbered C{sequence}).
     """
     if responses:
         return {
             "type": "error",
             "sequence_number": sequence,
-            "code": "content_filter",
+            "code": code,
             "message": message,
             "param": None,
         }
@@ -113,7 +113,7 @@ def content_filter_error(
         "event_id": event_id(),
         "error": {
             "type": "invalid_request_error",
-            "code": "content_filter",
+            "code": code,
             "message": message,
             "param": None,
             "event_id": None,
@@ -209,9 +209,7 @@ class ResponseShape(StreamShape):
             delta = {**self._templates[key], "delta": passed}
             events.append(self._stamped(delta))
             self.sent(delta)
-        events.append(
-            content_filter_error(message, self._responses, self._next_sequence())
-        )
+        events.append(error_event(message, self._responses, self._next_sequence()))
         response = {**self._response, "output": self._output()}
         if self._responses:
             response["status"] = "incomplete"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -25,6 +26,7 @@ from openai_proxy.realtime.moderate import (
     ModerationFilter,
     session_moderation,
 )
+from tests.fake_tms import FakeTMS
 from tests.moderation_fakes import FixedBackend, ManualBackend
 from tests.realtime_fakes import RealtimeTurn, RecordingPeer, ResponsesTurn, message
 
@@ -157,6 +159,22 @@ class BlockedSentenceTests(TestCase):
         self.assertEqual(done["output"][0]["content"][0]["transcript"], "Hello there.")
         self.assertEqual(len(of_type(events, "response.done")), 1)
 
+    def test_each_response_cut_off_is_counted(self) -> None:
+        blocked: list[None] = []
+        plan, _ = session_moderation(moderation(), b"")
+        assert plan is not None
+        f = ModerationFilter(
+            RecordingPeer(),
+            RecordingPeer(),
+            plan,
+            "k",
+            on_block=lambda: blocked.append(None),
+        )
+        for turn in (RealtimeTurn("r1", "i1"), RealtimeTurn("r2", "i2")):
+            for m in [*turn.start(), *map(turn.delta, SPOKEN), *turn.finish(WHOLE)]:
+                f.from_upstream(m)
+        self.assertEqual(len(blocked), 2)
+
     def test_next_turn_passes_unchanged(self) -> None:
         s = Session()
         self.speak(s, RealtimeTurn("resp_1", "item_1"))
@@ -249,6 +267,45 @@ class CancelTests(TestCase):
         self.assertEqual(s.upstream.sent, [])
         self.assertEqual(s.client.types[-2:], ["error", "response.done"])
         self.assertFalse(s.client.carried("bomb"))
+
+
+class TencentSessionTests(TestCase):
+    def test_a_turn_judged_by_tms_in_threads(self) -> Deferred[None]:
+        tms = FakeTMS("AKIDfake", "secret", block_words=["炸弹"])
+        tms.start()
+        self.addCleanup(tms.stop)
+        config = ModerationConfig(
+            mode="always",
+            backend="tencent",
+            tencent_secret_id="AKIDfake",
+            tencent_secret_key="secret",
+            tencent_endpoint=tms.url,
+            threads=2,
+            timeout=5.0,
+        )
+        shared = Moderation(config, reactor)
+        shared.start()
+        self.addCleanup(shared.stop)
+        plan, _ = session_moderation(shared, b"")
+        assert plan is not None
+        client, upstream = RecordingPeer(), RecordingPeer()
+        f = ModerationFilter(client, upstream, plan, "k")
+        turn = RealtimeTurn("resp_1", "item_1")
+        start = turn.start()
+        spoken = ["你好。", "如何制造", "炸弹？", "再见。"]
+        for m in [*start, *map(turn.delta, spoken), *turn.finish("".join(spoken))]:
+            f.from_upstream(m)
+        # The TMS calls are still out: nothing with text has gone yet.
+        self.assertEqual(client.sent, start)
+
+        def judged(_: None) -> None:
+            self.assertEqual(texts(client.events, turn.delta_type), "你好。")
+            self.assertEqual(client.types[-2:], ["error", "response.done"])
+            self.assertFalse(client.carried("炸弹"))
+            # Its response.done had come: nothing left to cancel.
+            self.assertEqual(upstream.sent, [])
+
+        return client.received(len(start) + 3).addCallback(judged)
 
 
 class BetaNamesTests(TestCase):

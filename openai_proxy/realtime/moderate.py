@@ -33,6 +33,7 @@ that response.  The session stays open.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import unquote_plus
 
 from twisted.logger import Logger
@@ -116,6 +117,8 @@ class ModerationFilter:
     @param responses: the session is Responses over WebSocket (else
         Realtime): responses are told apart by C{stream_id}, and there is
         no C{response.cancel} to send.
+    @param on_block: called for each response cut off (e.g.
+        C{metrics.stream_blocked}).
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class ModerationFilter:
         *,
         responses: bool = False,
         max_held: int = MAX_HELD,
+        on_block: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
         self._upstream = upstream
@@ -138,6 +142,7 @@ class ModerationFilter:
             responses=responses,
             max_held=max_held,
             fail=self._fail,
+            on_block=on_block,
         )
         self._from_client = (
             ClientSide(

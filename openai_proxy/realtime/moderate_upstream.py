@@ -88,6 +88,7 @@ class UpstreamSide:
     L{openai_proxy.realtime.moderate.ModerationFilter}).
 
     @param fail: called when reading a message failed unexpectedly.
+    @param on_block: called for each response cut off.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class UpstreamSide:
         responses: bool,
         max_held: int,
         fail: Callable[[Failure], None],
+        on_block: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -108,6 +110,7 @@ class UpstreamSide:
         self._key = upstream_key
         self._max_held = max_held
         self._fail = fail
+        self._on_block = on_block
         self._open: dict[str, _Response] = {}
         self._stopped: set[str] = set()  # responses stopped: later events dropped
         self._owners: dict[Any, str] = {}  # output item id -> its response
@@ -258,9 +261,12 @@ class UpstreamSide:
         self.unhold(response.held)
         response.held = 0
         response.fed.clear()
-        if not self._closed:
-            for event in events:
-                self.client.send(to_message(event))
+        if self._closed:
+            return
+        for event in events:
+            self.client.send(to_message(event))
+        if self._on_block is not None:
+            self._on_block()
 
     def cancel(self, response: _Response) -> None:
         """

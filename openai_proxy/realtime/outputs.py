@@ -207,6 +207,8 @@ class ResponseShape(StreamShape):
         events: list[dict[str, Any]] = []
         if passed and key is not None and key in self._templates:
             delta = {**self._templates[key], "delta": passed}
+            if "logprobs" in delta:
+                delta["logprobs"] = []  # the first delta's were of its own text
             events.append(self._stamped(delta))
             self.sent(delta)
         events.append(error_event(message, self._responses, self._next_sequence()))

@@ -108,7 +108,9 @@ class RealtimeTurn:
         return "response.text.delta" if self.beta else "response.output_text.delta"
 
     def start(self) -> list[Message]:
-        part_type = ("audio" if self.beta else "output_audio") if self.audio else "text"
+        # GA names a part "audio" or "text" in part events, "output_audio"
+        # or "output_text" in an item; beta says "audio" or "text" in both.
+        part_type = "audio" if self.audio else "text"
         text_field = "transcript" if self.audio else "text"
         return [
             message(
@@ -175,8 +177,9 @@ class RealtimeTurn:
     def finish(self, text: str, status: str = "completed") -> list[Message]:
         """The events that end the turn, each holding the whole C{text}."""
         field = "transcript" if self.audio else "text"
-        part_type = ("audio" if self.beta else "output_audio") if self.audio else "text"
+        part_type = "audio" if self.audio else "text"
         part = {"type": part_type, field: text}
+        content = dict(part) if self.beta else {**part, "type": "output_" + part_type}
         done_type = self.delta_type.replace(".delta", ".done")
         item = {
             "id": self.item,
@@ -184,8 +187,16 @@ class RealtimeTurn:
             "type": "message",
             "role": "assistant",
             "status": "completed",
-            "content": [part],
+            "content": [content],
         }
+        # GA says an item is done in the conversation too; beta does not.
+        item_done = (
+            []
+            if self.beta
+            else [
+                message({**self._ids(), "type": "conversation.item.done", "item": item})
+            ]
+        )
         return [
             message({**self._ids(), "type": done_type, **self._part(), field: text}),
             message(
@@ -205,7 +216,7 @@ class RealtimeTurn:
                     "item": item,
                 }
             ),
-            message({**self._ids(), "type": "conversation.item.done", "item": item}),
+            *item_done,
             message(
                 {
                     **self._ids(),
@@ -238,12 +249,7 @@ class ResponsesTurn:
         return {"item_id": self.item, "output_index": 0, "content_index": 0}
 
     def start(self) -> list[Message]:
-        response = {
-            "id": self.id,
-            "object": "response",
-            "status": "in_progress",
-            "output": [],
-        }
+        response = {**self._response(), "status": "in_progress", "output": []}
         return [
             message({"type": "response.created", **self._seq(), "response": response}),
             message(
@@ -277,8 +283,20 @@ class ResponsesTurn:
                 **self._seq(),
                 **self._part(),
                 "delta": text,
+                "logprobs": [],
             }
         )
+
+    def _response(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": 1767000000,
+            "model": "gpt-5",
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+        }
 
     def finish(self, text: str) -> list[Message]:
         part = {"type": "output_text", "text": text, "annotations": []}
@@ -296,6 +314,7 @@ class ResponsesTurn:
                     **self._seq(),
                     **self._part(),
                     "text": text,
+                    "logprobs": [],
                 }
             ),
             message(
@@ -319,11 +338,9 @@ class ResponsesTurn:
                     "type": "response.completed",
                     **self._seq(),
                     "response": {
-                        "id": self.id,
-                        "object": "response",
+                        **self._response(),
                         "status": "completed",
                         "output": [item],
-                        "usage": {"total_tokens": 9},
                     },
                 }
             ),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
@@ -267,6 +268,72 @@ class CancelTests(TestCase):
         self.assertEqual(s.upstream.sent, [])
         self.assertEqual(s.client.types[-2:], ["error", "response.done"])
         self.assertFalse(s.client.carried("bomb"))
+
+
+class SDKTypesTests(TestCase):
+    """The events a blocked response ends with read as the SDKs' own types."""
+
+    def blocked(self, s: Session, turn: RealtimeTurn | ResponsesTurn) -> None:
+        s.up(turn.start(), turn.delta("All good. Then bomb"), turn.delta(" here. x"))
+
+    def test_ga_realtime(self) -> None:
+        from openai.types.realtime import RealtimeServerEvent
+
+        read = TypeAdapter(RealtimeServerEvent)
+        for audio in (True, False):
+            s = Session()
+            self.blocked(s, RealtimeTurn("resp_1", "item_1", audio=audio))
+            events = [read.validate_python(e) for e in s.client.events][-3:]
+            done = events[-1].response
+            self.assertEqual(done.status, "cancelled")
+            self.assertEqual(done.status_details.reason, "content_filter")
+            part = done.output[0].content[0]
+            self.assertEqual(part.transcript if audio else part.text, "All good.")
+            self.assertEqual(events[-2].error.code, "content_filter")
+            self.assertEqual(events[0].delta, "All good.")
+
+    def test_beta_realtime(self) -> None:
+        from openai.types.beta.realtime import RealtimeServerEvent
+
+        read = TypeAdapter(RealtimeServerEvent)
+        for audio in (True, False):
+            s = Session()
+            self.blocked(s, RealtimeTurn("resp_1", "item_1", beta=True, audio=audio))
+            events = [read.validate_python(e) for e in s.client.events][-3:]
+            self.assertEqual(events[-1].response.status, "cancelled")
+            self.assertEqual(events[0].delta, "All good.")
+
+    def test_responses_over_websocket(self) -> None:
+        from openai.types.responses import ResponseStreamEvent
+
+        s = Session(responses=True)
+        self.blocked(s, ResponsesTurn("resp_1", "msg_1"))
+        read = TypeAdapter(ResponseStreamEvent)
+        events = [read.validate_python(e) for e in s.client.events][-3:]
+        self.assertEqual(events[-1].response.status, "incomplete")
+        self.assertEqual(events[-1].response.output[0].content[0].text, "All good.")
+        self.assertEqual(events[-2].code, "content_filter")
+
+    def test_the_fakes_are_events_the_sdks_read(self) -> None:
+        from openai.types.beta.realtime import RealtimeServerEvent as Beta
+        from openai.types.realtime import RealtimeServerEvent as GA
+        from openai.types.responses import ResponseStreamEvent
+
+        for kind, turn in [
+            (GA, RealtimeTurn("r", "i")),
+            (GA, RealtimeTurn("r", "i", audio=False)),
+            (Beta, RealtimeTurn("r", "i", beta=True)),
+            (Beta, RealtimeTurn("r", "i", beta=True, audio=False)),
+        ]:
+            read = TypeAdapter(kind)
+            for m in [*turn.start(), turn.delta("Hi."), turn.audio_delta()]:
+                read.validate_json(m.data)
+            for m in turn.finish("Hi."):
+                read.validate_json(m.data)
+        responses = ResponsesTurn("r", "m")
+        read = TypeAdapter(ResponseStreamEvent)
+        for m in [*responses.start(), responses.delta("Hi."), *responses.finish("Hi.")]:
+            read.validate_json(m.data)
 
 
 class TencentSessionTests(TestCase):

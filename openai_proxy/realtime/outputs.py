@@ -47,6 +47,15 @@ _PART_DONE = frozenset(
     }
 )
 
+#: Events only beta Realtime sessions send (GA renamed them).
+_BETA_ONLY = frozenset(
+    {
+        "response.text.delta",
+        "response.audio_transcript.delta",
+        "response.audio.delta",
+    }
+)
+
 #: The last event of a Realtime response.
 REALTIME_END = "response.done"
 
@@ -138,6 +147,7 @@ class ResponseShape(StreamShape):
         self._templates: dict[PartKey, dict[str, Any]] = {}
         self._sent: dict[PartKey, str] = {}
         self._sequence = -1
+        self._beta = False
         self.stopped: list[dict[str, Any]] | None = None
 
     def inspect(self, event: SSEEvent) -> EventText:
@@ -161,6 +171,8 @@ class ResponseShape(StreamShape):
             part = payload.get("part")
             if isinstance(part, dict):
                 self._parts[key_of(payload)] = dict(part)
+        if kind in _BETA_ONLY:
+            self._beta = True
         if kind in TEXT_DELTAS:
             key = key_of(payload)
             delta = payload.get("delta")
@@ -270,6 +282,11 @@ class ResponseShape(StreamShape):
                 for index, announced_part in parts:
                     part = copy.deepcopy(announced_part)
                     part.pop("audio", None)
+                    if not self._responses and not self._beta:
+                        # GA names a part "text"/"audio" in part events,
+                        # "output_text"/"output_audio" within an item.
+                        if part.get("type") in ("text", "audio"):
+                            part["type"] = "output_" + part["type"]
                     text = self._sent.get((item_id, index))
                     for name in _TEXT_FIELDS:
                         if name in part:

@@ -579,7 +579,9 @@ class HeldBoundTests(TestCase):
 
 
 class LargeMessageTests(TestCase):
-    def test_a_large_event_is_parsed_off_the_reactor_in_order(self) -> None:
+    def test_a_large_event_is_parsed_off_the_reactor_in_order(
+        self,
+    ) -> Deferred[None]:
         s = Session()
         turn = RealtimeTurn("resp_1", "item_1")
         big = message(
@@ -667,6 +669,28 @@ class InputTests(TestCase):
         s.down(Message(data, True))
         self.assertEqual(s.upstream.sent, [])
         self.assertEqual(s.client.events[0]["error"]["code"], "invalid_event")
+
+    def test_a_judged_event_this_proxy_cannot_read_is_refused(self) -> None:
+        s = self.input_session()
+        fine = item("hello")
+        for data in (fine.data + b' {"x": 1}', b"[" + fine.data + b"]"):
+            s.down(Message(data, True))
+        self.assertEqual(s.upstream.sent, [])
+        self.assertEqual(
+            [e["error"]["code"] for e in s.client.events], ["invalid_event"] * 2
+        )
+
+    def test_a_large_event_is_judged_off_the_reactor(self) -> Deferred[None]:
+        s = self.input_session()
+        big = item("hello " * (PARSE_ON_REACTOR // 6))
+        after = message({"type": "input_audio_buffer.commit"})
+        s.down(big, after)
+        self.assertEqual(s.upstream.sent, [])
+
+        def judged(_: None) -> None:
+            self.assertEqual(s.upstream.sent, [big, after])
+
+        return s.upstream.received(2).addCallback(judged)
 
     def test_messages_keep_their_order_behind_a_judged_one(self) -> None:
         backend = ManualBackend()

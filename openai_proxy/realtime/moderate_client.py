@@ -29,6 +29,7 @@ from openai_proxy.realtime.outputs import error_event
 JUDGED = ("conversation.item.create", "session.update", "response.create")
 
 _AMBIGUOUS = "an event whose text is moderated must not name a field twice"
+_UNREADABLE = "an event whose text is moderated must be one JSON object"
 
 
 def request_text(payload: dict[str, Any]) -> str:
@@ -123,8 +124,14 @@ class ClientSide:
             self._fail(failure)
 
     def _judge(self, payload: dict[str, Any] | None, message: Message) -> None:
-        text = "" if payload is None else request_text(payload)
-        if payload is None or not text:
+        if payload is None:
+            # It names a judged event but is not one object this proxy can
+            # read: another parser might read one (trailing data, say).
+            self._refuse(message, None, _UNREADABLE, "invalid_event")
+            self._pump()
+            return
+        text = request_text(payload)
+        if not text:
             self._done(message, True)
             self._pump()
             return

@@ -28,7 +28,10 @@ def parse(data: bytes, *, unique: bool = False) -> dict[str, Any] | None:
         the other value.
     """
     try:
-        payload = json.loads(data, object_pairs_hook=_unique if unique else None)
+        # A text message is UTF-8: decoding it here spares json the
+        # guessing of an encoding (a third of its time on small events).
+        text = data.decode("utf-8")
+        payload = json.loads(text, object_pairs_hook=_unique if unique else None)
     except AmbiguousEvent:
         raise
     except (ValueError, RecursionError):

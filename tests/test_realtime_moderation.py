@@ -578,6 +578,35 @@ class HeldBoundTests(TestCase):
         self.assertEqual(s.upstream.sent, [item])
 
 
+class ReentryTests(TestCase):
+    """A peer whose resume hands over the next message at once."""
+
+    def test_client_message_handed_over_by_resume_goes_after(self) -> None:
+        backend = ManualBackend()
+        s = Session(backend, mode="request", moderate_input=True, max_held=300)
+        first = item("hello " * 60)
+        second = message({"type": "input_audio_buffer.commit"})
+        s.client.resume = lambda: s.filter.from_client(second)  # type: ignore[method-assign]
+        s.down(first)
+        backend.answer(0, Verdict.PASS)
+        self.assertEqual(s.upstream.sent, [first, second])
+
+    def test_upstream_message_handed_over_by_resume_keeps_its_place(self) -> None:
+        backend = ManualBackend()
+        s = Session(backend, max_held=3000)
+        turn = RealtimeTurn("resp_1", "item_1")
+        first = turn.delta("Hi there. ")
+        s.up(turn.start(), first)
+        audio = [turn.audio_delta() for _ in range(5)]
+        s.up(audio)
+        self.assertTrue(s.upstream.paused)
+        later = turn.delta("Bye! ")
+        s.upstream.resume = lambda: s.filter.from_upstream(later)  # type: ignore[method-assign]
+        answer(backend, "Hi there.")
+        answer(backend, " Bye!")
+        self.assertEqual(s.client.sent[-7:], [first, *audio, later])
+
+
 class LargeMessageTests(TestCase):
     def test_a_large_event_is_parsed_off_the_reactor_in_order(
         self,

@@ -82,6 +82,7 @@ class ClientSide:
         self._fail = fail
         self._waiting: deque[Message] = deque()
         self._judging = False
+        self._pumping = False
         self._held = 0
         self._paused = False
         self._closed = False
@@ -98,6 +99,15 @@ class ClientSide:
         self._pump()
 
     def _pump(self) -> None:
+        if self._pumping:
+            return  # called back from within the loop, which goes on
+        self._pumping = True
+        try:
+            self._drain()
+        finally:
+            self._pumping = False
+
+    def _drain(self) -> None:
         while self._waiting and not self._judging and not self._closed:
             message = self._waiting[0]
             if not message.text or not may_be(message.data, JUDGED):
@@ -166,11 +176,12 @@ class ClientSide:
         self._judging = False
         self._waiting.popleft()
         self._held -= len(message.data)
+        if forward:
+            self._upstream.send(message)
+        # Only now: a resume may hand over the next message at once.
         if self._paused and self._held <= self._max_held:
             self._paused = False
             self._client.resume()
-        if forward:
-            self._upstream.send(message)
 
     def close(self) -> None:
         """The session ended: drop what is held, send nothing more."""

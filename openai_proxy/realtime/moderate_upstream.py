@@ -74,9 +74,10 @@ class _Response:
             return
         event = self.fed.popleft()
         self.held -= len(raw)
-        self._side.unhold(len(raw))
         self.shape.sent(event.payload)
         self._side.client.send(Message(raw, True))
+        # Only once sent: a resume may hand over the next message at once.
+        self._side.unhold(len(raw))
 
     def _stop_upstream(self) -> None:
         self._side.cancel(self)
@@ -118,6 +119,7 @@ class UpstreamSide:
         self._cancels: set[str] = set()  # event ids of our response.cancel
         self._incoming: deque[Message] = deque()
         self._parsing = False
+        self._pumping = False
         self._held = 0
         self._paused = False
         self._closed = False
@@ -131,23 +133,34 @@ class UpstreamSide:
         self._pump()
 
     def _pump(self) -> None:
-        while self._incoming and not self._parsing and not self._closed:
-            # A message stays counted until it has gone, so that one a
-            # response holds on to does not resume the upstream meanwhile.
-            message = self._incoming.popleft()
-            if not message.text or not (
-                self._plan.output or may_be(message.data, (TRANSCRIPT,))
-            ):
-                self.client.send(message)
-            elif len(message.data) >= PARSE_ON_REACTOR:
-                self._parsing = True
-                deferToThread(parse, message.data).addCallbacks(
-                    self._parsed, self._fail, (message,)
-                )
-                return
-            elif self._route(message, parse(message.data)):
-                continue
-            self.unhold(len(message.data))
+        if self._pumping:
+            # Called back from within the loop (a resume that delivered a
+            # message at once): the loop takes it, in its turn.
+            return
+        self._pumping = True
+        try:
+            while self._incoming and not self._parsing and not self._closed:
+                self._take_next()
+        finally:
+            self._pumping = False
+
+    def _take_next(self) -> None:
+        # A message stays counted until it has gone, so that one a response
+        # holds on to does not resume the upstream meanwhile.
+        message = self._incoming.popleft()
+        if not message.text or not (
+            self._plan.output or may_be(message.data, (TRANSCRIPT,))
+        ):
+            self.client.send(message)
+        elif len(message.data) >= PARSE_ON_REACTOR:
+            self._parsing = True
+            deferToThread(parse, message.data).addCallbacks(
+                self._parsed, self._fail, (message,)
+            )
+            return
+        elif self._route(message, parse(message.data)):
+            return
+        self.unhold(len(message.data))
 
     def _parsed(self, payload: dict[str, Any] | None, message: Message) -> None:
         self._parsing = False
@@ -240,9 +253,9 @@ class UpstreamSide:
             del self._open[response.id]
         late, response.late = response.late, []
         for message in late:
-            self.unhold(len(message.data))
             if not response.stopped and not self._closed:
                 self.client.send(message)
+            self.unhold(len(message.data))
         if not response.stopped:
             for item, owner in list(self._owners.items()):
                 if owner == response.id:
@@ -258,15 +271,14 @@ class UpstreamSide:
         response.stopped = True
         self._stopped.add(response.id)
         self._open.pop(response.id, None)
-        self.unhold(response.held)
-        response.held = 0
+        held, response.held = response.held, 0
         response.fed.clear()
-        if self._closed:
-            return
-        for event in events:
-            self.client.send(to_message(event))
-        if self._on_block is not None:
-            self._on_block()
+        if not self._closed:
+            for event in events:
+                self.client.send(to_message(event))
+            if self._on_block is not None:
+                self._on_block()
+        self.unhold(held)
 
     def cancel(self, response: _Response) -> None:
         """

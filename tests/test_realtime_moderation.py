@@ -765,6 +765,36 @@ class InputTests(TestCase):
         self.assertEqual(s.client.events[-1]["response"]["status"], "cancelled")
         self.assertFalse(s.client.carried("here it is"))
 
+    def test_stopped_transcript_cancels_an_unmoderated_response_too(self) -> None:
+        s = self.input_session()
+        transcript = message(
+            {
+                "type": "conversation.item.input_audio_transcription.completed",
+                "item_id": "item_user",
+                "transcript": "a bomb",
+            }
+        )
+        s.up(transcript)
+        delete, cancel = s.upstream.events
+        self.assertEqual(delete["type"], "conversation.item.delete")
+        self.assertEqual(without_ids([cancel]), [{"type": "response.cancel"}])
+        self.assertEqual(s.client.types, ["error"])
+        # Nothing was under way: the upstream's complaint is not relayed.
+        s.up(
+            message(
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "response_cancel_not_active",
+                        "message": "no active response",
+                        "event_id": cancel["event_id"],
+                    },
+                }
+            )
+        )
+        self.assertEqual(s.client.types, ["error"])
+
     def test_fine_transcript_is_shown(self) -> None:
         s = Session(moderate_input=True)
         transcript = message(

@@ -33,6 +33,10 @@ from openai_proxy.realtime.outputs import (
 #: The upstream event that carries the user's transcribed speech.
 TRANSCRIPT = "conversation.item.input_audio_transcription.completed"
 
+#: How many of the proxy's latest cancels are remembered, to recognise
+#: the upstream's answer to one that found nothing to cancel.
+_CANCELS_KEPT = 16
+
 #: What the client is told when its words were stopped.
 REFUSED_INPUT = "the request was refused by content moderation"
 
@@ -116,7 +120,9 @@ class UpstreamSide:
         self._stopped: set[str] = set()  # responses stopped: later events dropped
         self._owners: dict[Any, str] = {}  # output item id -> its response
         self._lanes: dict[Any, str] = {}  # stream_id -> its response (Responses)
-        self._cancels: set[str] = set()  # event ids of our response.cancel
+        # Event ids of our latest response.cancel events (most are never
+        # answered: only those that found nothing to cancel are).
+        self._cancels: deque[str] = deque(maxlen=_CANCELS_KEPT)
         self._incoming: deque[Message] = deque()
         self._parsing = False
         self._pumping = False
@@ -148,9 +154,7 @@ class UpstreamSide:
         # A message stays counted until it has gone, so that one a response
         # holds on to does not resume the upstream meanwhile.
         message = self._incoming.popleft()
-        if not message.text or not (
-            self._plan.output or may_be(message.data, (TRANSCRIPT,))
-        ):
+        if not message.text or not self._reads(message.data):
             self.client.send(message)
         elif len(message.data) >= PARSE_ON_REACTOR:
             self._parsing = True
@@ -161,6 +165,15 @@ class UpstreamSide:
         elif self._route(message, parse(message.data)):
             return
         self.unhold(len(message.data))
+
+    def _reads(self, data: bytes) -> bool:
+        # Whether a message must be parsed: always when output is judged;
+        # else only a transcript, or an answer to one of our cancels.
+        return (
+            self._plan.output
+            or may_be(data, (TRANSCRIPT,))
+            or (bool(self._cancels) and may_be(data, ("error",)))
+        )
 
     def _parsed(self, payload: dict[str, Any] | None, message: Message) -> None:
         self._parsing = False
@@ -194,7 +207,7 @@ class UpstreamSide:
         error = payload.get("error")
         asked = error.get("event_id") if isinstance(error, dict) else None
         if asked in self._cancels:
-            self._cancels.discard(asked)
+            self._cancels.remove(asked)
             return True
         return False
 
@@ -280,24 +293,20 @@ class UpstreamSide:
                 self._on_block()
         self.unhold(held)
 
-    def cancel(self, response: _Response) -> None:
+    def cancel(self, response: _Response | None) -> None:
         """
-        Ask the upstream to stop generating C{response} (Realtime; the
-        Responses protocol has no such event), unless it has already ended.
+        Ask the upstream to stop generating C{response} (L{None}: whatever
+        it is generating), unless it has already ended.  Realtime only: the
+        Responses protocol has no such event.
         """
-        if self.responses or self._closed or response.ending:
+        if self.responses or self._closed or (response is not None and response.ending):
             return
         cancel_id = event_id()
-        self._cancels.add(cancel_id)
-        self.upstream.send(
-            to_message(
-                {
-                    "type": "response.cancel",
-                    "event_id": cancel_id,
-                    "response_id": response.id,
-                }
-            )
-        )
+        self._cancels.append(cancel_id)
+        cancel = {"type": "response.cancel", "event_id": cancel_id}
+        if response is not None:
+            cancel["response_id"] = response.id
+        self.upstream.send(to_message(cancel))
 
     def hold(self, size: int) -> None:
         """Count C{size} more bytes held from the upstream."""
@@ -333,10 +342,16 @@ class UpstreamSide:
                     to_message({"type": "conversation.item.delete", "item_id": item_id})
                 )
             self.client.send(to_message(error_event(REFUSED_INPUT, False, 0)))
-            for response in list(self._open.values()):
+            responses = list(self._open.values())
+            for response in responses:
                 self.stop(response, response.shape.ending(None, "", REFUSED_INPUT))
                 response.moderator.abandon()
                 self.cancel(response)
+            if not responses:
+                # One may be under way that this side does not follow (its
+                # output is not moderated, or its first event is still to
+                # come); the upstream's error when there is none is ours.
+                self.cancel(None)
 
         self._plan.stops(transcript, self._key).addCallback(judged)
 

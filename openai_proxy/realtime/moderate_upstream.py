@@ -206,7 +206,7 @@ class UpstreamSide:
         # error naming our event: the client never asked, so never hears.
         error = payload.get("error")
         asked = error.get("event_id") if isinstance(error, dict) else None
-        if asked in self._cancels:
+        if isinstance(asked, str) and asked in self._cancels:
             self._cancels.remove(asked)
             return True
         return False

@@ -177,10 +177,15 @@ class UpstreamSide:
 
     def _parsed(self, payload: dict[str, Any] | None, message: Message) -> None:
         self._parsing = False
-        if not self._closed:
+        if self._closed:
+            return
+        self._pumping = True  # what comes meanwhile waits for this one
+        try:
             if not self._route(message, payload):
                 self.unhold(len(message.data))
-            self._pump()
+        finally:
+            self._pumping = False
+        self._pump()
 
     def _route(self, message: Message, payload: dict[str, Any] | None) -> bool:
         # Send, drop or hold the message; whether a response now holds it

@@ -12,11 +12,12 @@ the session's chain of filters::
     # RequestRefused (400) is answered like any ProxyError.
     if plan is not None:
         chain = ModerationFilter(client, upstream, plan, upstream_key,
-                                 responses=path_is_v1_responses)
+                                 responses=path_is_v1_responses,
+                                 on_block=metrics.stream_blocked)
 
-Put it on the client's side of any filter that counts usage from the
-upstream's C{response.done}: a blocked response's own C{response.done}
-never reaches the client.  The upstream side lives in
+A filter that counts usage from the upstream's C{response.done} must sit
+nearer the upstream than this one: a blocked response's own
+C{response.done} never gets past it.  The upstream side lives in
 L{openai_proxy.realtime.moderate_upstream}, the client's in
 L{openai_proxy.realtime.moderate_client}, what the events hold in
 L{openai_proxy.realtime.outputs}.

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import TestCase
 
+from openai_proxy.http.sse import SSEParser
 from openai_proxy.moderation.chunks import shape_for
 from openai_proxy.moderation.stream import Check, StreamModerator
 from tests.moderation_fakes import (
@@ -61,6 +62,17 @@ class ReleaseTests(TestCase):
         role = chat(role="assistant", content="")
         h.feed(role)
         self.assertEqual(h.output, role)
+
+    def test_events_already_cut_apart_are_taken_whole(self) -> None:
+        # A WebSocket session hands over messages, not a byte stream: each
+        # is one event, and write gets back its raw bytes as given.
+        h = Harness()
+        first = chat(content="你好。")
+        event = SSEParser().feed(first)[0]
+        h.moderator.feed_events([event])
+        self.assertEqual(h.check.texts, ["你好。"])
+        h.check.answer("你好。")
+        self.assertEqual(h.written, [first])
 
     def test_event_held_until_its_sentence_passes(self) -> None:
         h = Harness()

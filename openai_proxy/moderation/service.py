@@ -21,7 +21,7 @@ from openai_proxy.moderation.backends.openai_api import (
 from openai_proxy.moderation.backends.tencent import TencentBackend, TencentSettings
 from openai_proxy.moderation.body import moderate_body
 from openai_proxy.moderation.checker import MAX_PIECE, CallObserver, Checker
-from openai_proxy.moderation.chunks import shape_for
+from openai_proxy.moderation.chunks import StreamShape, shape_for
 from openai_proxy.moderation.config import ModerationConfig
 from openai_proxy.moderation.errors import RequestRefused
 from openai_proxy.moderation.inputs import input_text
@@ -130,6 +130,42 @@ class Moderation(Service):
         stream = body is not None and body.get("stream") is True
         return Plan(kind, stream, level, self._checker, self.config)
 
+    def session_plan(self, asked: dict[str, object]) -> Plan | None:
+        """
+        Decide how a WebSocket session (Realtime, Responses over WebSocket)
+        is moderated, from what its handshake asks (C{asked}: the
+        C{moderation} and C{moderation_level} of its query, as strings).
+
+        Returns L{None} when nothing of it is; else a L{Plan} of kind
+        C{"realtime"} whose C{output} says whether the model's output is
+        judged (C{MODERATION=always}, or asked for) and C{input} whether the
+        client's text is (C{MODERATE_INPUT=on}).
+
+        @raise RequestRefused: as L{plan} does, for the same reasons.
+        """
+        output = wants_moderation(self.config.mode, asked)
+        judged_input = self.config.moderate_input and self.config.mode != "off"
+        if not output and not judged_input:
+            return None
+        if output and (self._checker is None or self.config.mode == "off"):
+            raise RequestRefused(
+                400,
+                "moderation was requested but is not available on this proxy",
+                "moderation_unavailable",
+            )
+        if self._checker is None:
+            return None  # settings refuse MODERATE_INPUT without a backend
+        level = requested_level(self.config.mode, self.config.level, asked)
+        return Plan(
+            "realtime",
+            True,
+            level,
+            self._checker,
+            self.config,
+            output=output,
+            input=judged_input,
+        )
+
     def probe(self, upstream_key: str) -> Deferred[None]:
         """
         Ask the backend about a harmless text, so that C{on_call} learns
@@ -211,6 +247,11 @@ class Plan:
     @ivar kind: C{"chat"}, C{"completions"} or C{"responses"}.
     @ivar stream: whether the request asked for a stream (C{"stream": true}).
     @ivar level: the moderation level in force (C{"low"} or C{"high"}).
+    @ivar output: whether the model's output is judged (always, but for a
+        WebSocket session whose input alone is).
+    @ivar input: for a WebSocket session, whether the client's text is
+        judged too (HTTP judges input with L{Moderation.check_input}).
+    @ivar refusal_text: C{REFUSAL_TEXT}, what replaces blocked output.
     """
 
     def __init__(
@@ -220,10 +261,16 @@ class Plan:
         level: str,
         checker: Checker,
         config: ModerationConfig,
+        *,
+        output: bool = True,
+        input: bool = False,
     ) -> None:
         self.kind = kind
         self.stream = stream
         self.level = level
+        self.output = output
+        self.input = input
+        self.refusal_text = config.refusal_text
         self._checker = checker
         self._refusal = config.refusal_text
         self._config = config
@@ -237,10 +284,14 @@ class Plan:
         write: Callable[[bytes], None],
         stop_upstream: Callable[[], None],
         upstream_key: str,
+        shape: StreamShape | None = None,
     ) -> StreamModerator:
-        """A L{StreamModerator} for the streamed reply to this request."""
+        """
+        A L{StreamModerator} for the streamed reply to this request (read
+        with C{shape}, by default the one of this plan's kind).
+        """
         return StreamModerator(
-            shape_for(self.kind),
+            shape_for(self.kind) if shape is None else shape,
             lambda text: self.stops(text, upstream_key),
             write,
             stop_upstream,

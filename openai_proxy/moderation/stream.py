@@ -6,7 +6,7 @@ unchanged and in order.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -209,7 +209,16 @@ class StreamModerator:
         """Take upstream body bytes as they arrive."""
         if self._ended or self._done or self._cut is not None:
             return
-        self._queue.extend(self._parser.feed(data))
+        self.feed_events(self._parser.feed(data))
+
+    def feed_events(self, events: Iterable[SSEEvent]) -> None:
+        """
+        Take events already cut apart (e.g. the messages of a WebSocket
+        session, one event each); C{write} gets back each one's C{raw}.
+        """
+        if self._ended or self._done or self._cut is not None:
+            return
+        self._queue.extend(events)
         self._pump()
 
     def _pump(self) -> None:

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from openai_proxy.auth import bearer_token
-from openai_proxy.errors import JSON_CONTENT_TYPE, ProxyError, write_error
+from openai_proxy.errors import JSON_CONTENT_TYPE, ErrorTemplate, write_error
 from openai_proxy.keys import NamedKey
 from openai_proxy.limits import (
     Decision,
@@ -33,7 +33,7 @@ from openai_proxy.usage import Meter, inspect_request
 
 _log = Logger()
 
-LIMITS_UNAVAILABLE = ProxyError(
+LIMITS_UNAVAILABLE = ErrorTemplate(
     503,
     "The proxy cannot check this key's limits right now; try again shortly.",
     "limits_unavailable",
@@ -86,7 +86,7 @@ class Accounting:
             self._metrics.limits_error()
             _log.warn("limits not checked: {why}", why=e)
             if self._deny_on_error:
-                raise LIMITS_UNAVAILABLE from None
+                raise LIMITS_UNAVAILABLE() from None
             return Account(self, key, ticket, None, injected)
         if decision.denied is not None:
             self._metrics.rate_limited(key.name, decision.denied)
@@ -150,12 +150,12 @@ class Account:
             self._accounting._settle(self)
 
 
-_ADMIN_ONLY = ProxyError(
+_ADMIN_ONLY = ErrorTemplate(
     401,
     "Send 'Authorization: Bearer <ADMIN_KEY>' to read usage.",
     "invalid_api_key",
 )
-_NO_ADMIN_KEY = ProxyError(
+_NO_ADMIN_KEY = ErrorTemplate(
     404,
     "Usage is not served: this proxy has no ADMIN_KEY.",
     "not_found",
@@ -185,16 +185,16 @@ class UsagePage:
     async def render(self, request: Request) -> None:
         """Answer C{request} and finish it."""
         if self._expected is None:
-            write_error(request, _NO_ADMIN_KEY)
+            write_error(request, _NO_ADMIN_KEY())
             return
         token = bearer_token(request.getHeader(b"authorization")) or ""
         if not hmac.compare_digest(_digest(token.encode("utf-8")), self._expected):
-            write_error(request, _ADMIN_ONLY)
+            write_error(request, _ADMIN_ONLY())
             return
         try:
             report = await self._limiter.report(self._clock())
         except LimitsUnavailable:
-            write_error(request, LIMITS_UNAVAILABLE)
+            write_error(request, LIMITS_UNAVAILABLE())
             return
         names = list(self._names())
         names += sorted(set(report.this_month) - set(names))

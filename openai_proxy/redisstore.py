@@ -279,6 +279,9 @@ class RedisStore:
             today_flat = await today
             month_flat = await this_month
         except Exception as e:
+            # When today failed, this_month is never awaited: its failure
+            # would be logged as unhandled.
+            this_month.addErrback(lambda _: None)
             raise LimitsUnavailable(f"Redis failed: {e}") from None
         return Report(day, month, _by_name(today_flat), _by_name(month_flat))
 

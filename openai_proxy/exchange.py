@@ -123,11 +123,11 @@ def upstream_error(failure: Failure) -> ProxyError:
         # came back: either way the upstream was reached.
         reasons = failure.value.reasons
         if any(r.check(CancelledError) for r in reasons):
-            return errors.UPSTREAM_TIMEOUT
-        return errors.UPSTREAM_FAILED
+            return errors.UPSTREAM_TIMEOUT()
+        return errors.UPSTREAM_FAILED()
     if failure.check(CancelledError, ConnectingCancelledError, TimeoutError):
-        return errors.UPSTREAM_TIMEOUT
-    return errors.UPSTREAM_UNREACHABLE
+        return errors.UPSTREAM_TIMEOUT()
+    return errors.UPSTREAM_UNREACHABLE()
 
 
 #: The C{upstream_errors_total} kind each upstream error counts as.

@@ -230,7 +230,7 @@ class Forwarder:
         try:
             url = Upstreams.url(base, request.uri)
         except ValueError:
-            raise errors.ABSOLUTE_URI from None
+            raise errors.ABSOLUTE_URI() from None
         d: Deferred[Any] = self._client.relay(
             request.method, url, headers, body, self._timeout
         )

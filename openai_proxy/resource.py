@@ -124,7 +124,7 @@ class ProxyResource(Resource):
         exchange = Exchange(request, handle, self._reactor.seconds())
         request.notifyFinish().addBoth(self._finished, exchange)
         if not request.uri.startswith(b"/"):
-            write_error(request, errors.ABSOLUTE_URI)
+            write_error(request, errors.ABSOLUTE_URI())
             return NOT_DONE_YET
         early: ProxyError | None = getattr(request, "early_error", None)
         if early is not None:  # found by the site when the headers came in

@@ -82,7 +82,7 @@ class Responder:
                     host=exchange.upstream_host,
                     encoding=encoding.decode("ascii", "replace"),
                 )
-                exchange.fail(errors.UPSTREAM_FAILED)
+                exchange.fail(errors.UPSTREAM_FAILED())
                 return
             response = DecodedResponse(response, encoding, self._max_decoded)
         request.setResponseCode(response.code, response.phrase)
@@ -159,7 +159,7 @@ class Responder:
             return
         request = exchange.request
         timed_out = failure.check(UpstreamTimeout) is not None
-        error = errors.UPSTREAM_TIMEOUT if timed_out else errors.UPSTREAM_FAILED
+        error = (errors.UPSTREAM_TIMEOUT if timed_out else errors.UPSTREAM_FAILED)()
         self._metrics.upstream_error(ERROR_KINDS[error.code])
         _log.info(
             "upstream {host} body ended early: {why}",

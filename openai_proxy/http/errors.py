@@ -74,60 +74,81 @@ def write_error(request: Request, error: ProxyError) -> None:
     request.finish()
 
 
+@dataclass(frozen=True)
+class ErrorTemplate:
+    """
+    An error the proxy answers with, described once; calling it gives a
+    fresh L{ProxyError} to raise or write (C{raise errors.MISSING_KEY()}).
+
+    Not an exception itself, so that it cannot be raised as is: one
+    exception object raised again and again keeps every raise's frames
+    (and, through them, each request) in its C{__traceback__}.
+    """
+
+    status: int
+    message: str
+    code: str
+    type: str = "invalid_request_error"
+
+    def __call__(self) -> ProxyError:
+        """A new L{ProxyError} saying this."""
+        return ProxyError(self.status, self.message, self.code, self.type)
+
+
 # The errors the relay answers with, named once so tests and code agree.
-MISSING_KEY = ProxyError(
+MISSING_KEY = ErrorTemplate(
     401,
     "No API key: send 'Authorization: Bearer <key>' (or '<openai-key>:<proxy-key>').",
     "missing_api_key",
 )
-WRONG_PROXY_KEY = ProxyError(
+WRONG_PROXY_KEY = ErrorTemplate(
     403,
     "The proxy key is not accepted by this proxy.",
     "invalid_proxy_key",
     "permission_error",
 )
-NO_UPSTREAM_KEY = ProxyError(
+NO_UPSTREAM_KEY = ErrorTemplate(
     401,
     "No OpenAI key to send upstream: use 'Authorization: Bearer <openai-key>:<proxy-key>'.",
     "missing_api_key",
 )
-ABSOLUTE_URI = ProxyError(
+ABSOLUTE_URI = ErrorTemplate(
     400,
     "The request target must be a path starting with '/'.",
     "invalid_request_target",
 )
-UPSTREAM_UNREACHABLE = ProxyError(
+UPSTREAM_UNREACHABLE = ErrorTemplate(
     502, "The upstream API could not be reached.", "upstream_unreachable", "api_error"
 )
-UPSTREAM_TIMEOUT = ProxyError(
+UPSTREAM_TIMEOUT = ErrorTemplate(
     504, "The upstream API did not answer in time.", "upstream_timeout", "api_error"
 )
-UPSTREAM_FAILED = ProxyError(
+UPSTREAM_FAILED = ErrorTemplate(
     502, "The upstream API broke off the response.", "upstream_error", "api_error"
 )
 
 
-DUPLICATE_AUTHORIZATION = ProxyError(
+DUPLICATE_AUTHORIZATION = ErrorTemplate(
     400,
     "The request carries more than one Authorization header.",
     "duplicate_authorization",
 )
-BAD_HOST = ProxyError(
+BAD_HOST = ErrorTemplate(
     400,
     "The request must carry exactly one Host header.",
     "invalid_host_header",
 )
-HEADER_TIMEOUT = ProxyError(
+HEADER_TIMEOUT = ErrorTemplate(
     408,
     "The request's headers did not arrive in time.",
     "request_timeout",
 )
-HEADERS_TOO_LARGE = ProxyError(
+HEADERS_TOO_LARGE = ErrorTemplate(
     431,
     "The request's headers are too large.",
     "request_headers_too_large",
 )
-URI_TOO_LONG = ProxyError(
+URI_TOO_LONG = ErrorTemplate(
     414,
     "The request line is too long.",
     "request_uri_too_long",

@@ -283,7 +283,7 @@ class ProxyChannel(HTTPChannel):
     def _too_slow(self) -> None:
         self._deadline = None
         if self._head_started:
-            self._answer_and_close(errors.HEADER_TIMEOUT)
+            self._answer_and_close(errors.HEADER_TIMEOUT())
         elif self.transport is not None:
             self.transport.loseConnection()
 
@@ -291,7 +291,7 @@ class ProxyChannel(HTTPChannel):
         # Still on the request line (twisted.web's private flag): 414.
         on_first_line = bool(getattr(self, "_HTTPChannel__first_line", 0))
         self._answer_and_close(
-            errors.URI_TOO_LONG if on_first_line else errors.HEADERS_TOO_LARGE
+            (errors.URI_TOO_LONG if on_first_line else errors.HEADERS_TOO_LARGE)()
         )
 
     def _answer_and_close(self, error: ProxyError) -> None:
@@ -361,10 +361,10 @@ class ProxySite(Site):
         hosts = headers.getRawHeaders(b"host") or []
         needed = 1 if getattr(channel, "_version", b"") == b"HTTP/1.1" else 0
         if not needed <= len(hosts) <= 1:
-            return errors.BAD_HOST
+            return errors.BAD_HOST()
         authorization = headers.getRawHeaders(b"authorization") or []
         if len(authorization) > 1:
-            return errors.DUPLICATE_AUTHORIZATION
+            return errors.DUPLICATE_AUTHORIZATION()
         if self._authorize is None:
             return None
         target: bytes = getattr(channel, "_path", b"")

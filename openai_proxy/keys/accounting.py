@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from openai_proxy.http.errors import ProxyError
+from openai_proxy.http.errors import ErrorTemplate
 from openai_proxy.keys.limits import (
     Decision,
     Limiter,
@@ -31,7 +31,7 @@ from openai_proxy.telemetry.metrics import Metrics
 
 _log = Logger()
 
-LIMITS_UNAVAILABLE = ProxyError(
+LIMITS_UNAVAILABLE = ErrorTemplate(
     503,
     "The proxy cannot check this key's limits right now; try again shortly.",
     "limits_unavailable",
@@ -110,7 +110,7 @@ class Accounting:
             self._metrics.limits_error()
             _log.warn("limits not checked: {why}", why=e)
             if self._deny_on_error:
-                raise LIMITS_UNAVAILABLE from None
+                raise LIMITS_UNAVAILABLE() from None
             return self._opened(key, ticket, None, injected, request_bytes)
         if decision.denied is not None:
             self._metrics.rate_limited(key.name, decision.denied)

@@ -136,7 +136,7 @@ class KeyPolicy:
         """
         token = bearer_token(authorization)
         if token is None:
-            raise errors.MISSING_KEY
+            raise errors.MISSING_KEY()
         parts = split_token(token, server_keys=self._server_keys)
         named = None
         if self._proxy_keys or self._registry is not None:
@@ -149,7 +149,7 @@ class KeyPolicy:
             if self._registry is not None:
                 named = self._registry.find(presented)
             if named is None and not plain:
-                raise errors.WRONG_PROXY_KEY
+                raise errors.WRONG_PROXY_KEY()
             if named is not None and (named.disabled or named.expires is not None):
                 refused = key_refused(
                     named, datetime.datetime.now(datetime.timezone.utc)
@@ -160,5 +160,5 @@ class KeyPolicy:
             index = self.pool.pick()
             return Grant(self.pool.keys[index], index, named)
         if parts.upstream_key is None:
-            raise errors.NO_UPSTREAM_KEY
+            raise errors.NO_UPSTREAM_KEY()
         return Grant(parts.upstream_key, None, named)

@@ -70,24 +70,25 @@ class LostReply(RedisError):
     """
 
 
-class _Incomplete(Exception):
-    """The buffer ends inside a reply."""
-
-
-_INCOMPLETE = _Incomplete()
+#: The position L{parse} returns when the buffer ends inside the reply.
+INCOMPLETE = -1
 _CR_LF = b"\r\n"
 
 
 def parse(buffer: bytes, pos: int = 0) -> tuple[Reply, int]:
     """
-    The reply starting at C{pos} in C{buffer} and where the next one starts.
+    The reply starting at C{pos} in C{buffer} and where the next one starts,
+    or C{(None, INCOMPLETE)} when the buffer ends before the reply does.
 
-    @raise _Incomplete: the buffer ends before the reply does.
+    (A return value, not an exception: a reply split over reads is the
+    usual case for a large one, and an exception's traceback would keep
+    each partial buffer alive for as long as the exception lives.)
+
     @raise ValueError: the bytes are not RESP.
     """
     end = buffer.find(_CR_LF, pos)
     if end < 0:
-        raise _INCOMPLETE
+        return None, INCOMPLETE
     kind = buffer[pos]
     if kind == 0x24:  # "$" bulk string
         size = int(buffer[pos + 1 : end])
@@ -95,7 +96,7 @@ def parse(buffer: bytes, pos: int = 0) -> tuple[Reply, int]:
             return None, end + 2
         stop = end + 2 + size
         if len(buffer) < stop + 2:
-            raise _INCOMPLETE
+            return None, INCOMPLETE
         return buffer[end + 2 : stop], stop + 2
     if kind == 0x3A:  # ":" integer
         return int(buffer[pos + 1 : end]), end + 2
@@ -107,6 +108,8 @@ def parse(buffer: bytes, pos: int = 0) -> tuple[Reply, int]:
         items: list[Reply] = []
         for _ in range(count):
             item, pos = parse(buffer, pos)
+            if pos == INCOMPLETE:
+                return None, INCOMPLETE
             items.append(item)
         return items, pos
     if kind == 0x2B:  # "+" status
@@ -212,14 +215,15 @@ class _RedisProtocol(Protocol):
         waiting = self._waiting
         try:
             while pos < len(buffer):
-                reply, pos = parse(buffer, pos)
+                reply, end = parse(buffer, pos)
+                if end == INCOMPLETE:
+                    break
+                pos = end
                 waiter = waiting.popleft()
                 if isinstance(waiter, Deferred):
                     waiter.callback(reply)
                 else:
                     waiter(reply)
-        except _Incomplete:
-            pass
         except (ValueError, IndexError) as e:
             _log.error("Redis sent what is not a reply: {why}", why=str(e))
             self._buffer = b""

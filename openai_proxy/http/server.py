@@ -420,17 +420,7 @@ class ProxySite(Site):
         if line is not None:
             method, target = line
         path = target.split(b"?", 1)[0]
-        log_request(
-            method=method,
-            path=path,
-            status=status,
-            bytes_out=bytes_out,
-            duration=0.0,
-            upstream=None,
-            request_id=request_id,
-        )
-        if self._on_refused is not None:
-            self._on_refused(method, path, status)
+        self._log_refused(method, path, path, status, bytes_out, request_id)
 
     def refused_head(
         self,
@@ -444,9 +434,21 @@ class ProxySite(Site):
         Log a connection refused before its request's headers were complete,
         with the id and body size of the answer it got.
         """
+        self._log_refused(b"-", b"-", b"", status, bytes_out, request_id)
+
+    def _log_refused(
+        self,
+        method: bytes,
+        logged_path: bytes,
+        counted_path: bytes,
+        status: int,
+        bytes_out: int,
+        request_id: str | None,
+    ) -> None:
+        # One access line and one count for each refused request.
         log_request(
-            method=b"-",
-            path=b"-",
+            method=method,
+            path=logged_path,
             status=status,
             bytes_out=bytes_out,
             duration=0.0,
@@ -454,4 +456,4 @@ class ProxySite(Site):
             request_id=request_id,
         )
         if self._on_refused is not None:
-            self._on_refused(b"-", b"", status)
+            self._on_refused(method, counted_path, status)

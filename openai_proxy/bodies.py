@@ -243,27 +243,24 @@ class _Read:
         """
         content.seek(0)
         raw = content.read()
-        strict = self.checked is not None or self.want_model
+        models: tuple[str, ...] = ()
         try:
-            body = parse_json(raw, strict=strict)
+            if self.checked is None and self.want_model:
+                body, models = _for_model(raw)
+            else:
+                body = parse_json(raw, strict=self.checked is not None)
         except JSONUnreadable as e:
             if e.too_deep:
                 raise json_too_deep() from None
             if self.checked is not None:
                 raise unreadable_body(e.why) from None
-            if not self.want_model:
-                # Not ours to judge: the upstream answers malformed JSON itself.
-                return None, None, False, ()
-            # Read only for its model, which it names unreadably: read as
-            # before for the rest (a BOM, say, which json.loads allows).
-            try:
-                body = parse_json(raw, strict=False)
-            except JSONUnreadable:
-                return None, None, False, ()
+            # Not ours to judge: the upstream answers malformed JSON itself.
+            return None, None, False, ()
         del raw
         if self.checked is not None:
             check_json(self.checked, self.path, body)
-        models = named_models(body) if self.want_model else ()
+            if self.want_model:
+                models = named_models(body)
         fields = body.value
         if not isinstance(fields, dict):
             return None, None, False, models
@@ -277,6 +274,31 @@ class _Read:
             options = fields.get("stream_options") or {}
             out["stream_options"] = {**options, "include_usage": True}
         return dumps(out), wanted, inject, models
+
+
+def _for_model(raw: bytes) -> tuple[JSONBody, tuple[str, ...]]:
+    """
+    C{raw} parsed, and the models it names (to choose the upstream).  The
+    common body names its model once and plainly, and is read with the
+    plain parser; any other (a model named twice or nested, a member name
+    escaped) as the allow-list reads it.
+
+    @raise JSONUnreadable: when it cannot be parsed at all.
+    """
+    if raw.count(b'"model"') == 1 and b"\\u" not in raw:
+        body = parse_json(raw, strict=False)
+        model = body.value.get("model") if isinstance(body.value, dict) else None
+        if isinstance(model, str):
+            return body, (model,)
+    try:
+        body = parse_json(raw, strict=True)
+    except JSONUnreadable as e:
+        if e.too_deep:
+            raise
+        # Not UTF-8, a BOM, not an object: no model the proxy reads surely,
+        # but the rest is read as before (for moderation, say).
+        return parse_json(raw, strict=False), ()
+    return body, named_models(body)
 
 
 def _wants_usage(fields: dict[str, Any]) -> bool:

@@ -1,0 +1,96 @@
+"""
+What choosing the upstream by model costs: the choice itself measured in
+this process (reading the model from a chat body, then the upstreams of a
+20-entry C{UPSTREAMS_FILE} that serve it), and the proxy's CPU per request
+with such a file next to none, non-streamed and streamed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import timeit
+from pathlib import Path
+from typing import Any
+
+from benchmarks.scenarios import EVENTS, Harness, _throughput
+from benchmarks.wrk import CHAT, CHAT_STREAM
+
+#: Upstreams in the file; the bench model is served by the last one only, so
+#: each choice looks at all of them.
+ENTRIES = 20
+
+
+def upstreams_file(port: int, entries: int = ENTRIES) -> str:
+    """A file of C{entries} upstreams; only the last serves C{gpt-bench}."""
+    text = []
+    for number in range(entries - 1):
+        text.append(
+            f'[[upstreams]]\nname = "u{number}"\n'
+            f'base_url = "http://127.0.0.1:{port}"\n'
+            f'models = ["model-{number}-*", "other-{number}"]\nkeys = ["sk-u{number}"]\n'
+        )
+    text.append(
+        f'[[upstreams]]\nname = "bench"\nbase_url = "http://127.0.0.1:{port}"\n'
+        'models = ["gpt-bench*"]\nkeys = ["sk-bench"]\n'
+    )
+    return "\n".join(text)
+
+
+def _per_call_us(statement: Any, number: int = 20000) -> float:
+    best = min(timeit.repeat(statement, number=number, repeat=5))
+    return round(best / number * 1e6, 2)
+
+
+def choice_in_process() -> dict[str, Any]:
+    """Microseconds per request the choice costs, measured in this process."""
+    from openai_proxy.bodies import _for_model
+    from openai_proxy.upstream.channels import parse_upstreams
+    from openai_proxy.upstream.choose import UpstreamRegistry
+
+    registry = UpstreamRegistry(None, parse_upstreams(upstreams_file(1), {}))
+    assert [c.name for c in registry.plan(["gpt-bench"])] == ["bench"]
+
+    def read_model() -> tuple[str, ...]:
+        return _for_model(CHAT)[1]
+
+    def choose() -> object:
+        return registry.plan(read_model())
+
+    return {
+        "entries": ENTRIES,
+        "read_model_us": _per_call_us(read_model),
+        "plan_us": _per_call_us(lambda: registry.plan(("gpt-bench",))),
+        "choice_us": _per_call_us(choose),
+    }
+
+
+def by_model(h: Harness) -> dict[str, Any]:
+    """
+    The choice in process, and proxy CPU per request with a 20-entry
+    C{UPSTREAMS_FILE} against none (non-streamed and streamed).
+    """
+    result: dict[str, Any] = {"in_process": choice_in_process()}
+    with tempfile.TemporaryDirectory(prefix="bench-upstreams-") as tmp:
+        path = Path(tmp) / "upstreams.toml"
+        path.write_text(upstreams_file(h.upstream_port))
+        for name, body, units in (
+            ("non_stream", CHAT, 1),
+            ("stream", CHAT_STREAM, EVENTS + 1),
+        ):
+            none = _throughput(h, body, units, direct_port=0)
+            twenty = _throughput(
+                h,
+                body,
+                units,
+                start=lambda: h.proxy(UPSTREAMS_FILE=str(path)),
+                direct_port=0,
+            )
+            cpu_none = none["proxy"]["proxy_cpu_us_per_request"]
+            cpu_file = twenty["proxy"]["proxy_cpu_us_per_request"]
+            result[name] = {
+                "no_file": none["proxy"],
+                "file_of_20": twenty["proxy"],
+                "added_cpu_us_per_request": round(cpu_file - cpu_none, 1),
+                "added_p50_us": twenty["proxy"]["p50_us"] - none["proxy"]["p50_us"],
+            }
+    return result

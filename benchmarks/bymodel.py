@@ -77,20 +77,35 @@ def by_model(h: Harness) -> dict[str, Any]:
             ("non_stream", CHAT, 1),
             ("stream", CHAT_STREAM, EVENTS + 1),
         ):
-            none = _throughput(h, body, units, direct_port=0)
-            twenty = _throughput(
-                h,
-                body,
-                units,
-                start=lambda: h.proxy(UPSTREAMS_FILE=str(path)),
-                direct_port=0,
-            )
-            cpu_none = none["proxy"]["proxy_cpu_us_per_request"]
-            cpu_file = twenty["proxy"]["proxy_cpu_us_per_request"]
+            # Alternated, twice, the lower CPU of each kept: a shared
+            # machine's noise comes in bursts.
+            runs: dict[str, list[dict[str, Any]]] = {"no_file": [], "file_of_20": []}
+            for _ in range(2):
+                runs["no_file"].append(_throughput(h, body, units, direct_port=0))
+                runs["file_of_20"].append(
+                    _throughput(
+                        h,
+                        body,
+                        units,
+                        start=lambda: h.proxy(UPSTREAMS_FILE=str(path)),
+                        direct_port=0,
+                    )
+                )
+            best = {
+                kind: min(
+                    (r["proxy"] for r in results),
+                    key=lambda p: float(p["proxy_cpu_us_per_request"]),
+                )
+                for kind, results in runs.items()
+            }
+            none, twenty = best["no_file"], best["file_of_20"]
             result[name] = {
-                "no_file": none["proxy"],
-                "file_of_20": twenty["proxy"],
-                "added_cpu_us_per_request": round(cpu_file - cpu_none, 1),
-                "added_p50_us": twenty["proxy"]["p50_us"] - none["proxy"]["p50_us"],
+                **best,
+                "added_cpu_us_per_request": round(
+                    twenty["proxy_cpu_us_per_request"]
+                    - none["proxy_cpu_us_per_request"],
+                    1,
+                ),
+                "added_p50_us": round((twenty["p50_ms"] - none["p50_ms"]) * 1000),
             }
     return result

@@ -26,7 +26,7 @@ from openai_proxy.http import errors
 from openai_proxy.http.errors import ProxyError
 from openai_proxy.http.headers import REQUEST_DROPPED, copy_headers
 from openai_proxy.keys.accounting import Account, Accounting
-from openai_proxy.keys.allowlist import check_path, check_query
+from openai_proxy.keys.allowlist import check_path, check_query, query_models
 from openai_proxy.keys.auth import Grant, KeyPolicy
 from openai_proxy.moderation import Moderation
 from openai_proxy.respond import Responder
@@ -142,6 +142,8 @@ class Forwarder:
                 and self._accounting.inject_usage,
                 want_model=by_model is not None and bool(by_model.channels),
             )
+            if by_model is not None and not models:
+                models = query_models(request.uri)
             channels = [] if by_model is None else by_model.plan(models)
             if not channels and not key:
                 raise _not_served(models)
@@ -167,14 +169,12 @@ class Forwarder:
                 )
             else:
                 response = await self._send(exchange, key, body, uncompressed)
-            if channels or response is None:
-                pass
-            elif grant.index is not None:
-                self._metrics.upstream_key_used(grant.index)
-                if might_retry(response.code):
-                    response = await self._fail_over(
-                        exchange, grant.index, response, body, uncompressed
-                    )
+                if response is not None and grant.index is not None:
+                    self._metrics.upstream_key_used(grant.index)
+                    if might_retry(response.code):
+                        response = await self._fail_over(
+                            exchange, grant.index, response, body, uncompressed
+                        )
         except ProxyError as e:  # moderation's refusals included
             exchange.fail(e)
             return

@@ -353,6 +353,15 @@ class RoutingTests(_ByModel):
         self.assertEqual(only(self.local).body, body)
         self.assertEqual(self.default.received, [])
 
+    async def test_a_query_names_the_model_when_the_body_does_not(self) -> None:
+        self.start(self.three(), AZURE_KEYS="az-key-1")
+        response = await self.http.get(
+            self.proxy.url + "/v1/realtime?model=llama-3", headers=AUTH
+        )
+        await response.content()
+        self.assertEqual(only(self.local).uri, b"/v1/realtime?model=llama-3")
+        self.assertEqual(self.default.received, [])
+
     async def test_client_held_keys_only_go_to_the_default_upstream(self) -> None:
         self.start(self.three(), AZURE_KEYS="az-key-1", OPENAI_KEY="")
         own = {"Authorization": f"Bearer sk-user-own:{PROXY_KEY}"}

@@ -118,6 +118,18 @@ def check_query(key: NamedKey, uri: bytes) -> None:
             raise model_not_allowed(key, value)
 
 
+def query_models(uri: bytes) -> tuple[str, ...]:
+    """The models a request's query names (C{?model=}, as a realtime WebSocket does)."""
+    if b"?" not in uri or b"model" not in uri:
+        return ()
+    query = uri.split(b"?", 1)[1].decode("latin-1")
+    return tuple(
+        value
+        for name, value in parse_qsl(query, keep_blank_values=True)
+        if name.strip() == "model"
+    )
+
+
 class JSONUnreadable(Exception):
     """A JSON body that cannot be read; C{why} says what is wrong with it."""
 

@@ -20,6 +20,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import Request
 
 from openai_proxy.config import Config, ConfigError
+from openai_proxy.ops.startup import summary
+from openai_proxy.telemetry.logs import redact_text
 from openai_proxy.upstream.channels import (
     Upstream,
     UpstreamsFileError,
@@ -128,6 +130,48 @@ class FileTests(TestCase):
         self.assertIn("PROXY_KEY", str(caught.exception))
         config = Config.load({}, {"UPSTREAMS_FILE": path, "PROXY_KEY": PROXY_KEY})
         self.assertEqual([u.name for u in config.upstreams], ["a"])
+
+    def test_the_start_up_line_names_each_upstream_and_proxy_without_secrets(
+        self,
+    ) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                toml_entry(
+                    "azure",
+                    "https://example.openai.azure.com/openai",
+                    ["gpt-*"],
+                    keys=["sk-azure-secret"],
+                    proxy="socks5h://user:hunter2@proxy.internal:1080",
+                )
+                + toml_entry("local", "http://127.0.0.1:8000", ["llama-*"])
+            )
+        config = Config.load({}, {"UPSTREAMS_FILE": path, "PROXY_KEY": PROXY_KEY})
+        line = summary(config)
+        self.assertIn(
+            "upstreams by model: azure→example.openai.azure.com via "
+            "socks5h://proxy.internal:1080, local→127.0.0.1:8000",
+            line,
+        )
+        self.assertNotIn("hunter2", line)
+        self.assertNotIn("sk-azure-secret", repr(config))
+
+    def test_the_files_keys_and_proxy_passwords_are_redacted_from_logs(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                toml_entry(
+                    "a",
+                    "http://127.0.0.1:1",
+                    ["m"],
+                    keys=["sk-file-key-5e3a1c"],
+                    proxy="http://user:pw-9f8e7d6c@proxy:3128",
+                )
+            )
+        Proxy(self, {"UPSTREAMS_FILE": path, "PROXY_KEY": PROXY_KEY})
+        text = redact_text("key sk-file-key-5e3a1c via pw-9f8e7d6c")
+        self.assertNotIn("sk-file-key-5e3a1c", text)
+        self.assertNotIn("pw-9f8e7d6c", text)
 
 
 class OrderTests(TestCase):
@@ -378,6 +422,35 @@ class RoutingTests(_ByModel):
         # ...and a model none serves has nowhere to go.
         code, body = await self.chat("claude-x")
         self.assertEqual((code, body["error"]["code"]), (404, "model_not_found"))
+
+
+class NamedKeyTests(_ByModel):
+    """A named key with C{models}: its check and the choice read one parse."""
+
+    async def test_a_named_keys_json_and_form_are_routed_and_checked(self) -> None:
+        keys = self.mktemp()
+        with open(keys, "w") as f:
+            f.write('[[keys]]\nname = "bob"\nkey = "pk-bob-1234567890abcd"\n')
+            f.write('models = ["llama-*", "whisper-*"]\n')
+        text = self.three() + toml_entry("audio", self.openai_url, ["whisper-*"])
+        self.start(text, AZURE_KEYS="az-key-1", KEYS_FILE=keys)
+        bob = {"Authorization": "Bearer pk-bob-1234567890abcd"}
+        self.assertEqual((await self.chat("llama-3", auth=bob))[0], 200)
+        self.assertEqual(len(self.local.received), 1)
+        code, body = await self.chat("gpt-4o", auth=bob)
+        self.assertEqual((code, body["error"]["code"]), (403, "model_not_allowed"))
+        form = (
+            b'--b0\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+            b"whisper-1\r\n--b0--\r\n"
+        )
+        response = await self.http.post(
+            self.proxy.url + "/v1/audio/transcriptions",
+            form,
+            headers={**bob, "Content-Type": "multipart/form-data; boundary=b0"},
+        )
+        await response.content()
+        self.assertEqual(only(self.openai).uri, b"/v1/audio/transcriptions")
+        self.assertEqual(self.default.received, [])
 
 
 class FailoverTests(_ByModel):

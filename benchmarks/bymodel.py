@@ -7,11 +7,15 @@ with such a file next to none, non-streamed and streamed.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import tempfile
 import timeit
 from pathlib import Path
 from typing import Any
 
+from benchmarks import probes, procs
+from benchmarks.limits import _dumped
 from benchmarks.scenarios import EVENTS, Harness, _throughput
 from benchmarks.wrk import CHAT, CHAT_STREAM
 
@@ -64,15 +68,62 @@ def choice_in_process() -> dict[str, Any]:
     }
 
 
+def instructions(h: Harness, path: Path) -> dict[str, Any]:
+    """
+    User-space instructions per non-streamed request under callgrind, with
+    the file and without: a figure other work on the machine does not move.
+    """
+    valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
+    if valgrind is None or control is None:
+        return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
+    count = 100 if h.settings.quick else 300
+    raw = probes.request_bytes(CHAT)
+    result: dict[str, Any] = {"requests": count}
+    with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
+        work = Path(tmp)
+        for name, env in (
+            ("no_file", {}),
+            ("file_of_20", {"UPSTREAMS_FILE": str(path)}),
+        ):
+            out = work / name
+            wrapper = (valgrind, "--tool=callgrind", "--instr-atstart=no")
+            wrapper += (f"--callgrind-out-file={out}.%p",)
+            proxy = procs.start_proxy(
+                h.upstream_port, 1, wrapper=wrapper, start_limit=180, **env
+            )
+            try:
+                conn = probes.Connection(proxy.port)
+                for _ in range(50):  # warm-up, not counted
+                    conn.exchange(raw)
+                pid = str(proxy.proc.pid)
+                for step in (["-i", "on"], None, ["-d"], ["-i", "off"]):
+                    if step is None:
+                        for _ in range(count):
+                            conn.exchange(raw)
+                        continue
+                    subprocess.run(
+                        [control, *step, pid], check=True, capture_output=True
+                    )
+                conn.close()
+            finally:
+                procs.stop(proxy.proc)
+            result[name] = _dumped(work, name) // count
+    result["added"] = result["file_of_20"] - result["no_file"]
+    result["added_share"] = round(result["added"] / result["no_file"], 4)
+    return result
+
+
 def by_model(h: Harness) -> dict[str, Any]:
     """
-    The choice in process, and proxy CPU per request with a 20-entry
-    C{UPSTREAMS_FILE} against none (non-streamed and streamed).
+    The choice in process, instructions per request under callgrind, and
+    proxy CPU per request with a 20-entry C{UPSTREAMS_FILE} against none
+    (non-streamed and streamed).
     """
     result: dict[str, Any] = {"in_process": choice_in_process()}
     with tempfile.TemporaryDirectory(prefix="bench-upstreams-") as tmp:
         path = Path(tmp) / "upstreams.toml"
         path.write_text(upstreams_file(h.upstream_port))
+        result["instructions_per_request"] = instructions(h, path)
         for name, body, units in (
             ("non_stream", CHAT, 1),
             ("stream", CHAT_STREAM, EVENTS + 1),

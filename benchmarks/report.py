@@ -196,6 +196,20 @@ _ROWS: list[tuple[str, str, tuple[str, ...], float | None, bool]] = [
     ("by-model", "of which read model us", ("in_process", "read_model_us"), None, True),
     (
         "by-model",
+        "file of 20: added instr/req",
+        ("instructions_per_request", "added"),
+        None,
+        True,
+    ),
+    (
+        "by-model",
+        "file of 20: added instr share",
+        ("instructions_per_request", "added_share"),
+        None,
+        True,
+    ),
+    (
+        "by-model",
         "file of 20: added CPU us/req",
         ("non_stream", "added_cpu_us_per_request"),
         10,

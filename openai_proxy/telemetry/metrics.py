@@ -326,6 +326,7 @@ class Metrics:
             ("upstream", "index"),
             registry=registry,
         )
+        self._upstream_children: dict[str, tuple[Any, Any]] = {}
         self._key_names: set[str] = set()
         self._token_children: dict[str, tuple[Any, Any]] = {}
 
@@ -458,13 +459,23 @@ class Metrics:
         """Count server key C{index} being benched."""
         self._key_benched.labels(str(index)).inc()
 
+    def _upstream_child(self, upstream: str) -> tuple[Any, Any]:
+        # Bound once per name: labels() costs more than the count itself.
+        children = self._upstream_children.get(upstream)
+        if children is None:
+            children = self._upstream_children[upstream] = (
+                self._upstream_requests.labels(upstream),
+                self._upstream_failovers.labels(upstream),
+            )
+        return children
+
     def upstream_request(self, upstream: str) -> None:
         """Count a request sent to the upstream named C{upstream}."""
-        self._upstream_requests.labels(upstream).inc()
+        self._upstream_child(upstream)[0].inc()
 
     def upstream_failover(self, upstream: str) -> None:
         """Count a request moving on from the upstream named C{upstream}."""
-        self._upstream_failovers.labels(upstream).inc()
+        self._upstream_child(upstream)[1].inc()
 
     def upstream_benched(self, upstream: str, index: int) -> None:
         """Count key C{index} of the upstream named C{upstream} being benched."""

@@ -51,7 +51,9 @@ class Channel:
             (name.encode("ascii"), value.encode("utf-8"))
             for name, value in upstream.headers
         )
-        self._api_key = upstream.auth_header == "api-key"
+        name = b"api-key" if upstream.auth_header == "api-key" else b"authorization"
+        prefix = b"" if name == b"api-key" else b"Bearer "
+        self._auth = {k: (name, prefix + k.encode("ascii")) for k in upstream.keys}
         # One regular expression for all the globs: a match costs one call.
         self._matches = re.compile(
             "|".join(f"(?:{fnmatch.translate(g)})" for g in upstream.models)
@@ -62,10 +64,8 @@ class Channel:
         return self._matches(model) is not None
 
     def auth(self, key: str) -> tuple[bytes, bytes]:
-        """The header that carries C{key} to this upstream (name, value)."""
-        if self._api_key:
-            return b"api-key", key.encode("ascii")
-        return b"authorization", b"Bearer " + key.encode("ascii")
+        """The header that carries C{key} (one of its keys) to this upstream."""
+        return self._auth[key]
 
     def __repr__(self) -> str:
         return f"<Channel {self.name} {self.host}>"

@@ -146,7 +146,9 @@ async def request_body(
         models = await _maybe_in_thread(exchange, size, form_models, content, raw_ctype)
         content.seek(0)
         return RequestBody(_as_is(content, size), None, False, models)
-    elif not is_json and not want_model:
+    elif not is_json and (not want_model or size > max_parsed):
+        # Read for its model whatever its type says, but not past the size
+        # the proxy parses for itself.
         return RequestBody(_as_is(content, size), None, False)
     # A body checked only because a restricted key sent it under another
     # type is checked, and otherwise left as it came.

@@ -125,9 +125,8 @@ class Forwarder:
             if grant.named is not None:
                 check_path(grant.named, request.method, request.path)
                 check_query(grant.named, request.uri)
-            # Client-held keys only ever go to UPSTREAM.
-            by_model = self._by_model if not grant.client_key else None
-            if by_model is not None and _lists_models(request):
+            by_model = self._by_model
+            if by_model is not None and not grant.client_key and _lists_models(request):
                 await self._list_models(exchange, by_model, grant)
                 return
             # The body is read (and a named key's models checked) before the
@@ -145,6 +144,10 @@ class Forwarder:
             if by_model is not None and not models:
                 models = query_models(request.uri)
             channels = [] if by_model is None else by_model.plan(models)
+            if grant.client_key:
+                # A client's own key only ever goes to UPSTREAM: its request
+                # may go only to an upstream that is sent no key at all.
+                channels = [c for c in channels if not c.pool.keys]
             if not channels and not key:
                 raise _not_served(models)
             if grant.named is not None and self._accounting is not None:

@@ -414,6 +414,9 @@ class RoutingTests(_ByModel):
             only(self.default).header(b"authorization"), b"Bearer sk-user-own"
         )
         self.assertEqual(self.openai.received, [])
+        # An upstream that takes no key may serve it: without the client's.
+        self.assertEqual((await self.chat("llama-3", auth=own))[0], 200)
+        self.assertIsNone(only(self.local).header(b"authorization"))
         # With only the proxy key, an upstream of the file serves the model...
         self.assertEqual((await self.chat("gpt-4o"))[0], 200)
         self.assertEqual(

@@ -30,6 +30,8 @@ from openai_proxy.upstream.failover import KeyPool
 _log = Logger()
 #: Different model names remembered with the upstreams matching them.
 _REMEMBERED = 4096
+#: The longest model names (in all, per request) remembered.
+_REMEMBERED_LENGTH = 256
 
 
 class Channel:
@@ -133,9 +135,12 @@ class UpstreamRegistry:
             matching = tuple(
                 c for c in self.channels if all(c.serves(m) for m in wanted)
             )
-            if len(self._matching) >= _REMEMBERED:
-                self._matching.clear()
-            self._matching[wanted] = matching
+            # Only names of a sensible size are remembered: a client's
+            # megabyte-long "model" must not stay in memory.
+            if sum(len(m) for m in wanted) <= _REMEMBERED_LENGTH:
+                if len(self._matching) >= _REMEMBERED:
+                    self._matching.clear()
+                self._matching[wanted] = matching
         return self._ordered(matching)
 
     def choose(self, model: str) -> Channel | None:

@@ -376,6 +376,12 @@ class RoutingTests(_ByModel):
         self.assertEqual(len(self.default.received), 1)
         self.assertEqual(len(self.local.received), 2)
 
+    async def test_the_proxys_own_fields_are_still_removed(self) -> None:
+        self.start(self.three(), AZURE_KEYS="az-key-1")
+        raw = b'{"model": "llama-3", "moderation": false, "messages": []}'
+        self.assertEqual((await self.chat(None, raw=raw))[0], 200)
+        self.assertEqual(only(self.local).json(), {"model": "llama-3", "messages": []})
+
     async def test_a_form_routes_by_its_model_field(self) -> None:
         self.start(toml_entry("local", self.local_url, ["whisper-*"]))
         boundary = b"b0undary"

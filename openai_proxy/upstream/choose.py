@@ -110,7 +110,11 @@ class UpstreamRegistry:
             same = before is not None and before.upstream.keys == upstream.keys
             channels.append(Channel(upstream, before.pool if same and before else None))
         self.channels = tuple(channels)
-        self._matching: dict[tuple[str, ...], tuple[Channel, ...]] = {}
+        #: Per model names: the upstreams serving them, and the weighted
+        #: ones among them when there are two or more (else none).
+        self._matching: dict[
+            tuple[str, ...], tuple[tuple[Channel, ...], tuple[Channel, ...]]
+        ] = {}
         if self._on_change is not None:
             self._on_change(self.channels)
 
@@ -130,18 +134,23 @@ class UpstreamRegistry:
         if not models or not self.channels:
             return []
         wanted = tuple(models)
-        matching = self._matching.get(wanted)
-        if matching is None:
+        found = self._matching.get(wanted)
+        if found is None:
             matching = tuple(
                 c for c in self.channels if all(c.serves(m) for m in wanted)
             )
+            weighted = tuple(c for c in matching if c.upstream.weight is not None)
+            found = (matching, weighted if len(weighted) > 1 else ())
             # Only names of a sensible size are remembered: a client's
             # megabyte-long "model" must not stay in memory.
             if sum(len(m) for m in wanted) <= _REMEMBERED_LENGTH:
                 if len(self._matching) >= _REMEMBERED:
                     self._matching.clear()
-                self._matching[wanted] = matching
-        return self._ordered(matching)
+                self._matching[wanted] = found
+        matching, weighted = found
+        if not weighted:
+            return list(matching)
+        return self._ordered(matching, weighted)
 
     def choose(self, model: str) -> Channel | None:
         """
@@ -151,10 +160,10 @@ class UpstreamRegistry:
         order = self.plan((model,))
         return order[0] if order else None
 
-    def _ordered(self, matching: tuple[Channel, ...]) -> list[Channel]:
-        weighted = [c for c in matching if c.upstream.weight is not None]
-        if len(weighted) < 2:
-            return list(matching)
+    def _ordered(
+        self, matching: tuple[Channel, ...], weighted: tuple[Channel, ...]
+    ) -> list[Channel]:
+        # The weighted draw takes the place of the first weighted upstream.
         total = sum(c.upstream.weight or 0 for c in weighted)
         point = self._random() * total
         drawn = weighted[-1]

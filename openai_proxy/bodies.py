@@ -244,13 +244,14 @@ class _Read:
         whether usage was asked for, and the models it names (when wanted).
         """
         content.seek(0)
-        raw = content.read()
         models: tuple[str, ...] = ()
         try:
+            # Read here, not held here: parse_json lets a large body go
+            # while it parses.
             if self.checked is None and self.want_model:
-                body, models = _for_model(raw)
+                body, models = _for_model(content.read())
             else:
-                body = parse_json(raw, strict=self.checked is not None)
+                body = parse_json(content.read(), strict=self.checked is not None)
         except JSONUnreadable as e:
             if e.too_deep:
                 raise json_too_deep() from None
@@ -258,7 +259,6 @@ class _Read:
                 raise unreadable_body(e.why) from None
             # Not ours to judge: the upstream answers malformed JSON itself.
             return None, None, False, ()
-        del raw
         if self.checked is not None:
             check_json(self.checked, self.path, body)
             if self.want_model:

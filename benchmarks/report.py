@@ -192,6 +192,43 @@ _ROWS: list[tuple[str, str, tuple[str, ...], float | None, bool]] = [
         None,
         True,
     ),
+    ("by-model", "choice of 20 us/req", ("in_process", "choice_us"), 10, True),
+    ("by-model", "of which read model us", ("in_process", "read_model_us"), None, True),
+    (
+        "by-model",
+        "file of 20: added instr/req",
+        ("instructions_per_request", "added"),
+        None,
+        True,
+    ),
+    (
+        "by-model",
+        "file of 20: added instr share",
+        ("instructions_per_request", "added_share"),
+        None,
+        True,
+    ),
+    (
+        "by-model",
+        "file of 20: added CPU us/req",
+        ("non_stream", "added_cpu_us_per_request"),
+        10,
+        True,
+    ),
+    (
+        "by-model",
+        "stream: added CPU us/req",
+        ("stream", "added_cpu_us_per_request"),
+        10,
+        True,
+    ),
+    (
+        "by-model",
+        "file of 20: added p50 us",
+        ("non_stream", "added_p50_us"),
+        None,
+        True,
+    ),
 ]
 
 

@@ -308,6 +308,13 @@ def _stats(port: int) -> dict[str, int]:
     return stats
 
 
+def by_model(h: Harness) -> dict[str, Any]:
+    """Choosing the upstream by model: see L{benchmarks.bymodel}."""
+    from benchmarks.bymodel import by_model as measure
+
+    return measure(h)
+
+
 SCENARIOS: dict[str, Callable[[Harness], dict[str, Any]]] = {
     "non-stream": non_stream,
     "non-stream-https": non_stream_https,
@@ -319,4 +326,5 @@ SCENARIOS: dict[str, Callable[[Harness], dict[str, Any]]] = {
     "moderated-stream": moderated_stream,
     "limits": limits,
     "limits-callgrind": limits_instructions,
+    "by-model": by_model,
 }

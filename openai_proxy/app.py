@@ -29,7 +29,9 @@ from openai_proxy.ops.drain import DrainService, Readiness
 from openai_proxy.resource import ProxyResource
 from openai_proxy.telemetry import logs
 from openai_proxy.telemetry.metrics import Metrics
-from openai_proxy.upstream.client import make_client, make_pool
+from openai_proxy.upstream.channels import Upstream
+from openai_proxy.upstream.choose import Channel, UpstreamRegistry
+from openai_proxy.upstream.client import RelayClient, make_client, make_pool
 from openai_proxy.upstream.failover import KeyPool
 
 _PROBE_INTERVAL = 5.0  # seconds between attempts to reach the moderation backend
@@ -82,12 +84,22 @@ class ProxyApp(Service):
             if config.keys_file is None
             else KeyRegistry(config.keys_file, config.named_keys)
         )
+        self.upstreams = (
+            None
+            if config.upstreams_file is None
+            else UpstreamRegistry(
+                config.upstreams_file,
+                config.upstreams,
+                on_change=_redact_upstream_secrets,
+            )
+        )
         self.key_pool = KeyPool(config.openai_keys)
         self.keys = KeyPolicy(
             config.proxy_keys,
             config.openai_keys,
             registry=self.registry,
             pool=self.key_pool,
+            by_model=self.upstreams is not None,
         )
         self.store: Any = None
         calendar = QuotaCalendar(config.quota_tz)
@@ -132,6 +144,8 @@ class ProxyApp(Service):
             keys=self.keys,
             accounting=self.accounting,
             usage_page=usage_page,
+            upstreams=self.upstreams,
+            client_for=self.upstream_client,
             store_up=None if self.store is None else self.store.is_up,
             deny_without_store=config.limits_on_error == "deny",
         )
@@ -166,6 +180,16 @@ class ProxyApp(Service):
             ]
         )
 
+    def upstream_client(self, upstream: Upstream) -> RelayClient:
+        """
+        The client requests to C{upstream} (of C{UPSTREAMS_FILE}) go out
+        through.  This is where an upstream's own egress proxy
+        (C{upstream.proxy}) is to be plugged in, with a client of its own
+        over the shared pool; until then every upstream shares the relay's
+        client.
+        """
+        return self.client
+
     def startService(self) -> None:
         super().startService()
         # SIGHUP never ends the proxy: it re-reads KEYS_FILE, or is logged
@@ -190,10 +214,12 @@ class ProxyApp(Service):
         self._reactor.callFromThread(self._reload)
 
     def _reload(self) -> None:
-        if self.registry is None:
-            _log.info("SIGHUP: no KEYS_FILE, nothing to re-read")
-        else:
+        if self.registry is None and self.upstreams is None:
+            _log.info("SIGHUP: no KEYS_FILE or UPSTREAMS_FILE, nothing to re-read")
+        if self.registry is not None:
             self.registry.reload()
+        if self.upstreams is not None:
+            self.upstreams.reload()
         for hook in self.on_sighup:
             hook()
 
@@ -237,3 +263,15 @@ class ProxyApp(Service):
         key = self.config.openai_keys[0] if self.config.openai_keys else ""
         d: Deferred[None] = self.moderation.probe(key)
         return d
+
+
+def _redact_upstream_secrets(channels: tuple[Channel, ...]) -> None:
+    # The keys of UPSTREAMS_FILE, and its proxies' credentials, as they are
+    # read (a reload may bring new ones).
+    secrets: list[str | None] = []
+    for channel in channels:
+        upstream = channel.upstream
+        secrets.extend(upstream.keys)
+        if upstream.proxy is not None:
+            secrets.extend((upstream.proxy.username, upstream.proxy.password))
+    logs.register_secrets(secrets)

@@ -32,7 +32,9 @@ from openai_proxy.keys.allowlist import (
     check_encoding,
     check_form,
     check_json,
+    form_models,
     json_too_deep,
+    named_models,
     parse_json,
     unreadable_body,
 )
@@ -74,6 +76,8 @@ class RequestBody(NamedTuple):
     #: Whether C{stream_options.include_usage} was added for the proxy's
     #: own count (the client did not ask for usage, so must not see it).
     injected: bool
+    #: The models the body names, when asked for (C{want_model}).
+    models: tuple[str, ...] = ()
 
 
 async def request_body(
@@ -84,6 +88,7 @@ async def request_body(
     max_parsed: int = 10_485_760,
     key: NamedKey | None = None,
     inject_usage: bool = False,
+    want_model: bool = False,
 ) -> RequestBody:
     """
     The body to send upstream for C{exchange}'s request, and the request's
@@ -93,8 +98,10 @@ async def request_body(
 
     On a named C{key}, the body is checked as L{openai_proxy.keys.allowlist} says
     (when the key has C{models}), and with C{inject_usage} a streamed
-    completion is made to report its usage.  The JSON is parsed once for
-    all of this, in a thread when over 64 KiB.
+    completion is made to report its usage.  With C{want_model}, the models
+    the body names are read (any JSON body, whatever its type says, or a
+    form's C{model} field) to choose the upstream.  The JSON is parsed once
+    for all of this, in a thread when over 64 KiB.
 
     @raise ProxyError: 413 when a JSON body that must be parsed for
         moderation is over C{max_parsed} bytes; 400 for JSON nested too
@@ -123,16 +130,25 @@ async def request_body(
     ctype = raw_ctype.lower()
     is_json = ctype.startswith(b"application/json")
     checked = key if key is not None and key.models and post else None
+    multipart = ctype.lstrip().startswith(b"multipart/")
+    # A compressed body cannot name a model the proxy can read.
+    want_model = want_model and not _encoded(request.getHeader(b"content-encoding"))
     if checked is not None:
         check_encoding(request.getHeader(b"content-encoding"))
-        if ctype.lstrip().startswith(b"multipart/"):
-            await _maybe_in_thread(
+        if multipart:
+            models = await _maybe_in_thread(
                 exchange, size, check_form, checked, path, content, raw_ctype
             )
             content.seek(0)
-            return RequestBody(_as_is(content, size), None, False)
+            return RequestBody(_as_is(content, size), None, False, models)
         # Any other type is read as JSON: the upstream may read it so.
-    elif not is_json:
+    elif want_model and multipart:
+        models = await _maybe_in_thread(exchange, size, form_models, content, raw_ctype)
+        content.seek(0)
+        return RequestBody(_as_is(content, size), None, False, models)
+    elif not is_json and (not want_model or size > max_parsed):
+        # Read for its model whatever its type says, but not past the size
+        # the proxy parses for itself.
         return RequestBody(_as_is(content, size), None, False)
     # A body checked only because a restricted key sent it under another
     # type is checked, and otherwise left as it came.
@@ -148,12 +164,13 @@ async def request_body(
             and path.endswith(STREAMED_PATHS)
         ),
         strip=is_json and size <= max_parsed,
+        want_model=want_model,
     )
     if checked is not None and size > max_parsed and read.wants_fields:
         if moderation.moderates(path):
             raise moderated_body_too_large(max_parsed)
         read.wants_fields = False
-    if checked is None:
+    if checked is None and not want_model:
         markers = (_MARKER, _STREAM) if read.may_inject else (_MARKER,)
         found = await _found(exchange, content, size, markers)
         content.seek(0)
@@ -166,13 +183,21 @@ async def request_body(
             read.wants_fields = False
         if not read.wants_fields and not read.may_inject:
             return RequestBody(_as_is(content, size), None, False)
-    rewritten, fields, injected = await _maybe_in_thread(
+    if want_model and size > max_parsed and read.wants_fields:
+        if moderation.moderates(path):
+            raise moderated_body_too_large(max_parsed)
+        read.wants_fields = False
+    rewritten, fields, injected, models = await _maybe_in_thread(
         exchange, size, read.parse, content
     )
     if rewritten is not None:
-        return RequestBody(BytesProducer(rewritten), fields, injected)
+        return RequestBody(BytesProducer(rewritten), fields, injected, models)
     content.seek(0)
-    return RequestBody(_as_is(content, size), fields, injected)
+    return RequestBody(_as_is(content, size), fields, injected, models)
+
+
+def _encoded(encoding: bytes | None) -> bool:
+    return encoding is not None and encoding.strip().lower() not in (b"", b"identity")
 
 
 async def _maybe_in_thread(
@@ -207,40 +232,75 @@ class _Read:
     may_inject: bool
     #: Whether the local fields may be removed (the body is not too large).
     strip: bool
+    #: Whether the models the body names are wanted (to choose the upstream).
+    want_model: bool = False
 
     def parse(
         self, content: IO[bytes]
-    ) -> tuple[bytes | None, dict[str, Any] | None, bool]:
+    ) -> tuple[bytes | None, dict[str, Any] | None, bool, tuple[str, ...]]:
         """
         Read C{content} whole and parse it (blocking): the body rewritten
         (L{None}: sent as it came), the object when moderation needs it,
-        and whether usage was asked for.
+        whether usage was asked for, and the models it names (when wanted).
         """
         content.seek(0)
+        models: tuple[str, ...] = ()
         try:
-            body = parse_json(content.read(), strict=self.checked is not None)
+            # Read here, not held here: parse_json lets a large body go
+            # while it parses.
+            if self.checked is None and self.want_model:
+                body, models = _for_model(content.read())
+            else:
+                body = parse_json(content.read(), strict=self.checked is not None)
         except JSONUnreadable as e:
             if e.too_deep:
                 raise json_too_deep() from None
             if self.checked is not None:
                 raise unreadable_body(e.why) from None
             # Not ours to judge: the upstream answers malformed JSON itself.
-            return None, None, False
+            return None, None, False, ()
         if self.checked is not None:
             check_json(self.checked, self.path, body)
+            if self.want_model:
+                models = named_models(body)
         fields = body.value
         if not isinstance(fields, dict):
-            return None, None, False
+            return None, None, False, models
         local = self.strip and any(name in fields for name in LOCAL_FIELDS)
         inject = self.may_inject and _wants_usage(fields)
         wanted = fields if self.wants_fields or local else None
         if not local and not inject:
-            return None, wanted, False
+            return None, wanted, False, models
         out = {k: v for k, v in fields.items() if k not in LOCAL_FIELDS}
         if inject:
             options = fields.get("stream_options") or {}
             out["stream_options"] = {**options, "include_usage": True}
-        return dumps(out), wanted, inject
+        return dumps(out), wanted, inject, models
+
+
+def _for_model(raw: bytes) -> tuple[JSONBody, tuple[str, ...]]:
+    """
+    C{raw} parsed, and the models it names (to choose the upstream).  The
+    common body names its model once and plainly, and is read with the
+    plain parser; any other (a model named twice or nested, a member name
+    escaped) as the allow-list reads it.
+
+    @raise JSONUnreadable: when it cannot be parsed at all.
+    """
+    if raw.count(b'"model"') == 1 and b"\\u" not in raw:
+        body = parse_json(raw, strict=False)
+        model = body.value.get("model") if isinstance(body.value, dict) else None
+        if isinstance(model, str):
+            return body, (model,)
+    try:
+        body = parse_json(raw, strict=True)
+    except JSONUnreadable as e:
+        if e.too_deep:
+            raise
+        # Not UTF-8, a BOM, not an object: no model the proxy reads surely,
+        # but the rest is read as before (for moderation, say).
+        return parse_json(raw, strict=False), ()
+    return body, named_models(body)
 
 
 def _wants_usage(fields: dict[str, Any]) -> bool:

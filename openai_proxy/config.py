@@ -28,6 +28,11 @@ from openai_proxy.settings import (
     read_secret_file,
     split_list,
 )
+from openai_proxy.upstream.channels import (
+    Upstream,
+    UpstreamsFileError,
+    read_upstreams_file,
+)
 
 
 def parse_workers(raw: str | None) -> int:
@@ -128,6 +133,8 @@ class Config:
     limits_on_error: str = "allow"
     #: The IANA time zone whose days and months the quotas and usage count.
     quota_tz: str = "UTC"
+    upstreams_file: str | None = None
+    upstreams: tuple[Upstream, ...] = field(default=(), repr=False)
 
     @classmethod
     def load(
@@ -145,7 +152,8 @@ class Config:
 
         @raise ConfigError: naming the first bad setting.
         """
-        source = make_source(options or {}, os.environ if env is None else env)
+        environ = os.environ if env is None else env
+        source = make_source(options or {}, environ)
         return cls(
             listen=_listen(listen, source("", "PORT")),
             upstream=parse_base_url(
@@ -211,6 +219,7 @@ class Config:
             metrics_key=source("", "METRICS_KEY") or None,
             moderation=ModerationConfig.load(source),
             **_key_settings(source),
+            **_upstreams_settings(source, environ),
         )._checked()
 
     def _checked(self) -> Config:
@@ -234,6 +243,19 @@ class Config:
                 "OPENAI_KEY is set but PROXY_KEY is not, so anyone who can reach "
                 "the proxy would spend your key; set PROXY_KEY (or --proxy-key-file), "
                 "or pass --open / OPEN_PROXY=1 if that is what you want",
+            )
+        keyed = [u.name for u in self.upstreams if u.keys]
+        if (
+            keyed
+            and not self.proxy_keys
+            and self.keys_file is None
+            and not self.open_proxy
+        ):
+            raise ConfigError(
+                "PROXY_KEY",
+                f"the upstream {keyed[0]!r} of UPSTREAMS_FILE has keys but PROXY_KEY "
+                "is not set, so anyone who can reach the proxy would spend them; "
+                "set PROXY_KEY (or KEYS_FILE), or pass --open / OPEN_PROXY=1",
             )
         return self
 
@@ -356,3 +378,20 @@ def _quota_tz(raw: str | None) -> str:
     except UnknownZone as e:
         raise ConfigError("--quota-tz/QUOTA_TZ", str(e)) from None
     return zone
+
+
+class _UpstreamsSettings(TypedDict):
+    upstreams_file: str | None
+    upstreams: tuple[Upstream, ...]
+
+
+def _upstreams_settings(source: Source, env: Mapping[str, str]) -> _UpstreamsSettings:
+    # Upstreams chosen by model; their keys_env names are read from env.
+    path = source("upstreams-file", "UPSTREAMS_FILE") or None
+    upstreams: tuple[Upstream, ...] = ()
+    if path is not None:
+        try:
+            upstreams = read_upstreams_file(path, env)
+        except UpstreamsFileError as e:
+            raise ConfigError("--upstreams-file/UPSTREAMS_FILE", str(e)) from None
+    return {"upstreams_file": path, "upstreams": upstreams}

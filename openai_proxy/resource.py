@@ -31,6 +31,8 @@ from openai_proxy.ops.drain import DrainService, Readiness
 from openai_proxy.telemetry.access import log_request
 from openai_proxy.telemetry.logs import new_request_id
 from openai_proxy.telemetry.metrics import Metrics, route_family
+from openai_proxy.upstream.channels import Upstream
+from openai_proxy.upstream.choose import UpstreamRegistry
 from openai_proxy.upstream.client import RelayClient
 
 _log = Logger()
@@ -63,6 +65,8 @@ class ProxyResource(Resource):
         keys: KeyPolicy | None = None,
         accounting: Accounting | None = None,
         usage_page: UsagePage | None = None,
+        upstreams: UpstreamRegistry | None = None,
+        client_for: Callable[[Upstream], RelayClient] | None = None,
         store_up: Callable[[], bool] | None = None,
         deny_without_store: bool = False,
     ) -> None:
@@ -76,6 +80,8 @@ class ProxyResource(Resource):
             metrics=metrics,
             keys=keys,
             accounting=accounting,
+            upstreams=upstreams,
+            client_for=client_for,
         )
         self._usage_page = usage_page
         self._store_up = store_up

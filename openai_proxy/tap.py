@@ -83,6 +83,12 @@ _CORE_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
     ),
     ("keys-file", "KEYS_FILE", "none", "TOML file of named proxy keys with limits."),
     (
+        "upstreams-file",
+        "UPSTREAMS_FILE",
+        "none",
+        "TOML file of upstreams chosen by the request's model.",
+    ),
+    (
         "inject-usage",
         "INJECT_USAGE",
         "1",

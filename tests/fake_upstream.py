@@ -132,6 +132,8 @@ class FakeOpenAI(Resource):
         #: it, as the real API does; C{last_body} is the last one, as sent.
         self.gzip_when_asked = False
         self.last_body = b""
+        #: What GET /v1/models lists.
+        self.models = ["gpt-fake"]
 
     # -- plumbing -----------------------------------------------------------
 
@@ -214,11 +216,12 @@ class FakeOpenAI(Resource):
                     "object": "list",
                     "data": [
                         {
-                            "id": "gpt-fake",
+                            "id": model,
                             "object": "model",
                             "created": 0,
                             "owned_by": "fake",
                         }
+                        for model in self.models
                     ],
                 },
             )

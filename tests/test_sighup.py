@@ -233,7 +233,9 @@ class SighupAtStartTests(TestCase):
         upstream = FakeOpenAI()
         env = {"UPSTREAM": upstream.start(self)}
         proc, port, _ = await self.storm_through_start(env, rb"ProxySite starting on")
-        await proc.logged(rb"SIGHUP: no KEYS_FILE, nothing to re-read")
+        await proc.logged(
+            rb"SIGHUP: no KEYS_FILE or UPSTREAMS_FILE, nothing to re-read"
+        )
         # Clients bring their own OpenAI keys here.
         self.assertEqual(await keyed_post(self, port, "sk-client-0123456789"), 200)
 

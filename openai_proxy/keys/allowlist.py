@@ -118,6 +118,18 @@ def check_query(key: NamedKey, uri: bytes) -> None:
             raise model_not_allowed(key, value)
 
 
+def query_models(uri: bytes) -> tuple[str, ...]:
+    """The models a request's query names (C{?model=}, as a realtime WebSocket does)."""
+    if b"?" not in uri or b"model" not in uri:
+        return ()
+    query = uri.split(b"?", 1)[1].decode("latin-1")
+    return tuple(
+        value
+        for name, value in parse_qsl(query, keep_blank_values=True)
+        if name.strip() == "model"
+    )
+
+
 class JSONUnreadable(Exception):
     """A JSON body that cannot be read; C{why} says what is wrong with it."""
 
@@ -225,12 +237,14 @@ def _refuse_unchecked_batch(key: NamedKey, path: bytes) -> None:
         )
 
 
-def check_form(key: NamedKey, path: bytes, content: IO[bytes], ctype: bytes) -> None:
+def check_form(
+    key: NamedKey, path: bytes, content: IO[bytes], ctype: bytes
+) -> tuple[str, ...]:
     """
     Refuse a multipart POST to C{path} whose C{model} field names a model
     C{key} may not use, or that uploads a batch input file (C{purpose}
     C{batch}) naming one on any line.  Reads C{content} from its start,
-    twice for a batch file.
+    twice for a batch file.  Returns the models the C{model} fields name.
 
     @raise ProxyError: 400 when the form cannot be read surely, or 403.
     """
@@ -242,8 +256,8 @@ def check_form(key: NamedKey, path: bytes, content: IO[bytes], ctype: bytes) -> 
         fields = form_fields(content, boundary, ("model", "purpose"))
         if path in DEFAULTED_FORM and not fields.get("model"):
             raise model_required("model")
-        for value in fields.get("model", []):
-            model = _text(value, "model")
+        models = tuple(_text(value, "model") for value in fields.get("model", []))
+        for model in models:
             if not key.allows_model(model):
                 raise model_not_allowed(key, model)
         purposes = [_text(value, "purpose") for value in fields.get("purpose", [])]
@@ -258,6 +272,36 @@ def check_form(key: NamedKey, path: bytes, content: IO[bytes], ctype: bytes) -> 
             lines.end()
     except FormError as e:
         raise unreadable_body(f"the form cannot be read ({e})") from None
+    return models
+
+
+def form_models(content: IO[bytes], ctype: bytes) -> tuple[str, ...]:
+    """
+    The models a multipart body's C{model} fields name (none when it cannot
+    be read: the upstream then judges it), read from C{content}'s start.
+    """
+    try:
+        boundary = boundary_of(ctype)
+        if boundary is None:
+            return ()
+        content.seek(0)
+        fields = form_fields(content, boundary, ("model",))
+        return tuple(_text(value, "model") for value in fields.get("model", []))
+    except FormError:
+        return ()
+
+
+def named_models(body: JSONBody) -> tuple[str, ...]:
+    """
+    The models a parsed body names, as the upstream reads them: each
+    top-level C{model} that is a string (every one, if it is repeated), or
+    failing those, each string C{model} at any depth (a realtime client
+    secret's C{session.model}).
+    """
+    top = tuple(v for name, v in body.top if name == "model" and isinstance(v, str))
+    if top:
+        return top
+    return tuple(v for v in body.models if isinstance(v, str))
 
 
 def _text(value: bytes, name: str) -> str:

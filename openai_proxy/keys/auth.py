@@ -87,11 +87,20 @@ class Grant:
     What a request may do: the key to send upstream, the index of that key
     among the server-held ones (L{None} for a client's own key), and the
     named proxy key it came with (L{None} for a C{PROXY_KEY} or none).
+
+    An empty C{upstream_key} (only with upstreams chosen by model) means the
+    request brought no key for C{UPSTREAM}: only an upstream of
+    C{UPSTREAMS_FILE}, with keys of its own, can serve it.
     """
 
     upstream_key: str
     index: int | None = None
     named: NamedKey | None = None
+
+    @property
+    def client_key(self) -> bool:
+        """Whether the key to send upstream is the client's own."""
+        return self.index is None and self.upstream_key != ""
 
 
 class KeyPolicy:
@@ -110,10 +119,18 @@ class KeyPolicy:
         *,
         registry: KeyRegistry | None = None,
         pool: KeyPool | None = None,
+        by_model: bool = False,
     ) -> None:
+        """
+        @param by_model: whether upstreams are chosen by model
+            (C{UPSTREAMS_FILE}): with proxy keys, a token without a colon is
+            then the proxy key, and a request may come without an upstream
+            key (see L{Grant}).
+        """
         self._proxy_keys = tuple(k.encode("utf-8") for k in proxy_keys)
         self._registry = registry
         self._server_keys = bool(openai_keys)
+        self._by_model = by_model and bool(self._proxy_keys or registry is not None)
         self.pool = pool if pool is not None else KeyPool(openai_keys)
 
     def upstream_key(self, authorization: bytes | None) -> str:
@@ -137,7 +154,7 @@ class KeyPolicy:
         token = bearer_token(authorization)
         if token is None:
             raise errors.MISSING_KEY()
-        parts = split_token(token, server_keys=self._server_keys)
+        parts = split_token(token, server_keys=self._server_keys or self._by_model)
         named = None
         if self._proxy_keys or self._registry is not None:
             if parts.proxy_key is None:
@@ -160,5 +177,7 @@ class KeyPolicy:
             index = self.pool.pick()
             return Grant(self.pool.keys[index], index, named)
         if parts.upstream_key is None:
+            if self._by_model:
+                return Grant("", None, named)
             raise errors.NO_UPSTREAM_KEY()
         return Grant(parts.upstream_key, None, named)

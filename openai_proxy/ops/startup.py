@@ -44,6 +44,8 @@ def summary(config: Config) -> str:
         "moderation: " + _moderation(config),
         f"workers {config.workers}" + (" (auto)" if config.workers_auto else ""),
     ]
+    if config.upstreams_file is not None:
+        parts.append("upstreams by model: " + _by_model(config))
     if config.metrics_listen is not None:
         parts.append("metrics on " + config.metrics_listen)
     if config.keys_file is not None:
@@ -61,6 +63,18 @@ def _host(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return host if parts.port is None else f"{host}:{parts.port}"
+
+
+def _by_model(config: Config) -> str:
+    # Name, host and egress proxy of each (str() of a proxy has no password).
+    return (
+        ", ".join(
+            f"{u.name}→{_host(u.base_url)}"
+            + ("" if u.proxy is None else f" via {u.proxy}")
+            for u in config.upstreams
+        )
+        or "none"
+    )
 
 
 def _count(n: int, what: str) -> str:

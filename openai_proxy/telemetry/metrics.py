@@ -306,6 +306,27 @@ class Metrics:
             ("index",),
             registry=registry,
         )
+        self._upstream_requests = Counter(
+            "openai_proxy_upstream_requests",
+            "Requests sent to each upstream of UPSTREAMS_FILE, by its name.",
+            ("upstream",),
+            registry=registry,
+        )
+        self._upstream_failovers = Counter(
+            "openai_proxy_upstream_failovers",
+            "Requests that moved on from an upstream of UPSTREAMS_FILE to the "
+            "next one serving their model, by the name of the one left.",
+            ("upstream",),
+            registry=registry,
+        )
+        self._upstream_benched = Counter(
+            "openai_proxy_upstream_benched",
+            "Times a key of an upstream of UPSTREAMS_FILE was benched, by the "
+            "upstream's name and the key's index.",
+            ("upstream", "index"),
+            registry=registry,
+        )
+        self._upstream_children: dict[str, tuple[Any, Any]] = {}
         self._key_names: set[str] = set()
         self._token_children: dict[str, tuple[Any, Any]] = {}
 
@@ -437,6 +458,28 @@ class Metrics:
     def upstream_key_benched(self, index: int) -> None:
         """Count server key C{index} being benched."""
         self._key_benched.labels(str(index)).inc()
+
+    def _upstream_child(self, upstream: str) -> tuple[Any, Any]:
+        # Bound once per name: labels() costs more than the count itself.
+        children = self._upstream_children.get(upstream)
+        if children is None:
+            children = self._upstream_children[upstream] = (
+                self._upstream_requests.labels(upstream),
+                self._upstream_failovers.labels(upstream),
+            )
+        return children
+
+    def upstream_request(self, upstream: str) -> None:
+        """Count a request sent to the upstream named C{upstream}."""
+        self._upstream_child(upstream)[0].inc()
+
+    def upstream_failover(self, upstream: str) -> None:
+        """Count a request moving on from the upstream named C{upstream}."""
+        self._upstream_child(upstream)[1].inc()
+
+    def upstream_benched(self, upstream: str, index: int) -> None:
+        """Count key C{index} of the upstream named C{upstream} being benched."""
+        self._upstream_benched.labels(upstream, str(index)).inc()
 
     def resource(self, key: str | None = None) -> IResource:
         """

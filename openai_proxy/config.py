@@ -27,6 +27,7 @@ from openai_proxy.settings import (
     read_secret_file,
     split_list,
 )
+from openai_proxy.upstream.egress import EgressSettings
 
 
 def parse_workers(raw: str | None) -> int:
@@ -125,6 +126,9 @@ class Config:
     key_cooldown: float = 600.0
     redis_url: str | None = field(default=None, repr=False)
     limits_on_error: str = "allow"
+    #: Egress proxies: C{EGRESS_PROXY}, C{HTTPS_PROXY}, C{HTTP_PROXY},
+    #: C{ALL_PROXY}, C{NO_PROXY} (their C{repr} hides credentials).
+    egress: EgressSettings = field(default_factory=EgressSettings)
 
     @classmethod
     def load(
@@ -142,7 +146,8 @@ class Config:
 
         @raise ConfigError: naming the first bad setting.
         """
-        source = make_source(options or {}, os.environ if env is None else env)
+        environ = os.environ if env is None else env
+        source = make_source(options or {}, environ)
         return cls(
             listen=_listen(listen, source("", "PORT")),
             upstream=parse_base_url(
@@ -208,6 +213,7 @@ class Config:
             metrics_key=source("", "METRICS_KEY") or None,
             moderation=ModerationConfig.load(source),
             **_key_settings(source),
+            egress=_egress(environ, source("egress-proxy", "EGRESS_PROXY")),
         )._checked()
 
     def _checked(self) -> Config:
@@ -280,6 +286,14 @@ def _routes(options: Sequence[str], env: str | None) -> tuple[tuple[str, str], .
             )
         routes[prefix.strip()] = parse_base_url(setting, url)
     return tuple(routes.items())
+
+
+def _egress(env: Mapping[str, str], override: str | None) -> EgressSettings:
+    try:
+        return EgressSettings.from_environment(env, override)
+    except ValueError as e:
+        setting, reason = e.args
+        raise ConfigError(setting, reason) from None
 
 
 def _keys(source: Source, file_option: str, env_name: str) -> tuple[str, ...]:

@@ -11,12 +11,13 @@ import os
 from typing import Any
 
 import openai
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from openai_proxy.config import Config, ConfigError
 from openai_proxy.ops.startup import summary
@@ -25,8 +26,9 @@ from openai_proxy.upstream.egress import EgressSettings, parse_proxy
 from openai_proxy.upstream.tunnel import SOCKS5, EgressProxyError, HTTPConnect
 from tests.certs import make_certs, trust
 from tests.egress_proxies import SKIP_DANTE, SKIP_TINYPROXY, Dante, TinyProxy
+from tests.fake_tms import FakeTMS
 from tests.fake_upstream import FakeOpenAI, Script, chat_stream
-from tests.harness import AUTH, Proxy, client, closed_port_url
+from tests.harness import AUTH, TMS_ID, TMS_SECRET, Proxy, client, closed_port_url
 from tests.redis_server import make_tls_files
 
 SECRET = "pw-Never-Logged-42"
@@ -397,6 +399,22 @@ class EgressFailureTests(_ThroughProxies):
         )
         self.assertEqual(self.egress_errors(proxy), 1)
 
+    async def test_a_proxy_that_never_answers_the_handshake_is_unreachable(
+        self,
+    ) -> None:
+        silent = reactor.listenTCP(
+            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(silent.stopListening)
+        proxy = self.proxy(
+            EGRESS_PROXY=f"http://127.0.0.1:{silent.getHost().port}", TIMEOUT="200"
+        )
+        code, body = await self.get_models(proxy)
+        self.assertEqual(
+            (code, body["error"]["code"]), (502, "egress_proxy_unreachable")
+        )
+        self.assertEqual(self.egress_errors(proxy), 1)
+
     async def test_no_proxy_goes_direct(self) -> None:
         closed = await closed_port_url()
         proxy = self.proxy(HTTPS_PROXY=closed, NO_PROXY="localhost")
@@ -424,3 +442,54 @@ class SOCKS5Tests(_ThroughProxies):
         self.assertEqual((code, body["error"]["code"]), (502, "egress_proxy_refused"))
         self.assertIn("SOCKS reply 2", body["error"]["message"])
         self.assertEqual(self.egress_errors(proxy), 1)
+
+
+class TMSEgressTests(TestCase):
+    """
+    Tencent TMS is reached through the proxy the settings choose, and only
+    that one: the SDK's own reading of the variables is turned off.
+    """
+
+    def setUp(self) -> None:
+        self.tms = FakeTMS(TMS_ID, TMS_SECRET, block_words=["bomb"])
+        self.tms.start()
+        self.addCleanup(self.tms.stop)
+
+    def proxy(self, **env: str) -> Proxy:
+        return Proxy(
+            self,
+            {
+                "UPSTREAM": "http://127.0.0.1:9",
+                "TENCENT_CLOUD_SID": TMS_ID,
+                "TENCENT_CLOUD_SKEY": TMS_SECRET,
+                "TENCENT_CLOUD_ENDPOINT": self.tms.url,
+                **env,
+            },
+        )
+
+    async def stops(self, proxy: Proxy, text: str) -> bool:
+        plan = proxy.app.moderation.plan(b"/v1/chat/completions", {"moderation": True})
+        assert plan is not None
+        stopped: bool = await plan.stops(text, "k")
+        return stopped
+
+    async def test_tms_through_tinyproxy_with_credentials(self) -> None:
+        if SKIP_TINYPROXY:
+            raise SkipTest(SKIP_TINYPROXY)
+        tiny = await TinyProxy.start(self, auth=("alice", SECRET))
+        proxy = self.proxy(HTTP_PROXY=tiny.url, MODERATION_ON_ERROR="pass")
+        self.assertTrue(await self.stops(proxy, "a bomb"))
+        self.assertIn("a bomb", [call.text for call in self.tms.calls])
+        self.assertIn(f"POST {self.tms.url}", tiny.daemon.output)
+
+    async def test_the_sdks_own_reading_of_the_variables_is_off(self) -> None:
+        # The process environment names a proxy nobody listens on; the
+        # proxy's settings say NO_PROXY for TMS: it is reached directly.
+        closed = await closed_port_url()
+        env = {**os.environ, "HTTP_PROXY": closed, "http_proxy": closed}
+        self.patch(os, "environ", env)
+        proxy = self.proxy(
+            HTTP_PROXY=closed, NO_PROXY="127.0.0.1", MODERATION_ON_ERROR="pass"
+        )
+        self.assertTrue(await self.stops(proxy, "a bomb"))
+        self.assertIn("a bomb", [call.text for call in self.tms.calls])

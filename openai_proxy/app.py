@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet import error
@@ -25,7 +24,6 @@ from openai_proxy.keys.auth import KeyPolicy
 from openai_proxy.keys.limits import Limiter, LocalLimiter
 from openai_proxy.keys.named import KeyRegistry
 from openai_proxy.moderation import Moderation
-from openai_proxy.moderation.backends.tencent import split_endpoint
 from openai_proxy.ops.drain import DrainService, Readiness
 from openai_proxy.resource import ProxyResource
 from openai_proxy.telemetry import logs
@@ -39,18 +37,6 @@ _SETTLE_WAIT = 2.0  # seconds a stop waits for the requests cut off to settle
 SHORT_KEY = 16
 
 _log = Logger()
-
-
-def tms_proxy(config: Config) -> str | None:
-    """
-    The egress proxy URL (with its credentials) the C{tencent} moderation
-    backend reaches TMS through, chosen as for an upstream; L{None}: direct.
-    """
-    protocol, endpoint = split_endpoint(config.moderation.tencent_endpoint)
-    parts = urlsplit(f"{protocol}://{endpoint}")
-    port = parts.port or (443 if protocol == "https" else 80)
-    proxy = config.egress.proxy_for(protocol, parts.hostname or "", port)
-    return None if proxy is None else proxy.url()
 
 
 class ProxyApp(Service):
@@ -84,7 +70,7 @@ class ProxyApp(Service):
             # The relay's client: it keeps no cookies, and shares its endpoints.
             openai_client_factory=lambda: (self.client, config.upstream),
             on_call=self._moderation_call,
-            tencent_proxy=tms_proxy(config),
+            tencent_proxy=config.tms_proxy(),
         )
         self._probe = LoopingCall(self._probe_moderation)
         self._probe.clock = reactor

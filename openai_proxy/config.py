@@ -7,6 +7,7 @@ option wins.  A bad value raises L{ConfigError} naming the setting.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -216,6 +217,22 @@ class Config:
             egress=_egress(environ, source("egress-proxy", "EGRESS_PROXY")),
         )._checked()
 
+    def tms_proxy(self) -> str | None:
+        """
+        The egress proxy URL (with its credentials) the C{tencent}
+        moderation backend reaches TMS through, chosen as for an upstream;
+        L{None}: direct.
+        """
+        # As the backend reads TENCENT_CLOUD_ENDPOINT: http:// selects plain
+        # HTTP, anything else is https.
+        endpoint = self.moderation.tencent_endpoint
+        plain = endpoint.lower().startswith("http://")
+        parts = urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
+        protocol = "http" if plain else "https"
+        port = parts.port or (80 if plain else 443)
+        proxy = self.egress.proxy_for(protocol, parts.hostname or "", port)
+        return None if proxy is None else proxy.url()
+
     def _checked(self) -> Config:
         if (
             self.workers_auto
@@ -226,6 +243,17 @@ class Config:
             # suits a listen only one process can hold.
             return replace(self, workers=1)._checked()
         check_listen(self.listen, self.workers)
+        tms_proxy = self.tms_proxy() if self.moderation.backend == "tencent" else None
+        if (
+            tms_proxy is not None
+            and tms_proxy.startswith("socks")
+            and importlib.util.find_spec("socks") is None
+        ):
+            raise ConfigError(
+                "EGRESS_PROXY",
+                "Tencent TMS through a SOCKS proxy needs PySocks: "
+                "pip install 'requests[socks]' (or list the TMS host in NO_PROXY)",
+            )
         if (
             self.openai_keys
             and not self.proxy_keys

@@ -6,6 +6,7 @@ https upstream with a private CA.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any
@@ -493,3 +494,15 @@ class TMSEgressTests(TestCase):
         )
         self.assertTrue(await self.stops(proxy, "a bomb"))
         self.assertIn("a bomb", [call.text for call in self.tms.calls])
+
+    def test_tms_through_socks_without_pysocks_refuses_to_start(self) -> None:
+        settings = {
+            "TENCENT_CLOUD_SID": TMS_ID,
+            "TENCENT_CLOUD_SKEY": TMS_SECRET,
+            "ALL_PROXY": "socks5h://127.0.0.1:1080",
+        }
+        self.patch(importlib.util, "find_spec", lambda name: None)
+        with self.assertRaises(ConfigError) as e:
+            Config.load({}, settings)
+        self.assertIn("PySocks", str(e.exception))
+        Config.load({}, {**settings, "NO_PROXY": "tms.tencentcloudapi.com"})

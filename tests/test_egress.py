@@ -15,15 +15,19 @@ import openai
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.server import Site
 
 from openai_proxy.config import Config, ConfigError
 from openai_proxy.ops.startup import summary
 from openai_proxy.telemetry import logs
-from openai_proxy.upstream.egress import EgressSettings, parse_proxy
+from openai_proxy.upstream.client import CachedEndpoints
+from openai_proxy.upstream.egress import EgressSettings, endpoint_to, parse_proxy
 from openai_proxy.upstream.tunnel import SOCKS5, EgressProxyError, HTTPConnect
 from tests.certs import make_certs, trust
 from tests.egress_proxies import SKIP_DANTE, SKIP_TINYPROXY, Dante, TinyProxy
@@ -31,6 +35,7 @@ from tests.fake_tms import FakeTMS
 from tests.fake_upstream import FakeOpenAI, Script, chat_stream
 from tests.harness import AUTH, TMS_ID, TMS_SECRET, Proxy, client, closed_port_url
 from tests.redis_server import make_tls_files
+from tests.test_moderation_backends import _Moderations
 
 SECRET = "pw-Never-Logged-42"
 
@@ -156,6 +161,51 @@ class ChoiceTests(SynchronousTestCase):
         )
         self.assertNotIn(SECRET, line)
         self.assertIn("egress: direct", summary(Config.load({}, {})))
+
+
+class EndpointChoiceTests(SynchronousTestCase):
+    def test_each_upstream_gets_its_proxy_and_one_may_be_set_apart(self) -> None:
+        endpoints = CachedEndpoints(
+            Clock(), egress=settings(HTTPS_PROXY="http://corp:3128", NO_PROXY="vllm")
+        )
+        api = URI.fromBytes(b"https://api.example/v1/models")
+        first = endpoints.endpointForURI(api)
+        self.assertIs(endpoints.endpointForURI(api), first)
+        self.assertEqual(
+            endpoints.proxy_for(b"https", b"api.example", 443),
+            parse_proxy("http://corp:3128"),
+        )
+        self.assertIsNone(endpoints.proxy_for(b"https", b"vllm", 443))
+        # An upstream's own proxy (or none), over the settings.
+        endpoints.use_proxy("https://api.example", parse_proxy("socks5h://s:1080"))
+        self.assertEqual(
+            endpoints.proxy_for(b"https", b"api.example", 443).display(),  # type: ignore[union-attr]
+            "socks5h://s:1080",
+        )
+        self.assertIsNot(endpoints.endpointForURI(api), first)
+        endpoints.use_proxy("https://api.example", None)
+        self.assertIsNone(endpoints.proxy_for(b"https", b"api.example", 443))
+
+    def test_tls_is_checked_against_the_server_name_given(self) -> None:
+        calls: list[tuple[bytes, int]] = []
+
+        class Policy:
+            def creatorForNetloc(self, host: bytes, port: int) -> Any:
+                calls.append((host, port))
+                return BrowserLikePolicyForHTTPS().creatorForNetloc(host, port)
+
+        proxy = parse_proxy("http://proxy.example:3128")
+        endpoint_to(Clock(), proxy, "api.example", 443, tls=True, policy=Policy())  # type: ignore[arg-type]
+        endpoint_to(
+            Clock(),
+            proxy,
+            "10.0.0.7",
+            443,
+            tls=True,
+            server_name="api.example",
+            policy=Policy(),  # type: ignore[arg-type]
+        )
+        self.assertEqual(calls, [(b"api.example", 443), (b"api.example", 443)])
 
 
 class _Recorder(Protocol):
@@ -388,6 +438,26 @@ class HTTPConnectTests(_ThroughProxies):
         code, _ = await self.get_models(proxy)
         self.assertEqual(code, 200)
         self.assertIn("CONNECT 127.0.0.1:", tiny.daemon.output)
+
+    async def test_openai_moderation_backend_goes_through_it_too(self) -> None:
+        moderations = _Moderations()
+        listening = reactor.listenTCP(0, Site(moderations), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        tiny = await TinyProxy.start(self)
+        proxy = Proxy(
+            self,
+            {
+                "UPSTREAM": f"http://127.0.0.1:{port}",
+                "HTTP_PROXY": tiny.url,
+                "MODERATION_BACKEND": "openai",
+            },
+        )
+        plan = proxy.app.moderation.plan(b"/v1/chat/completions", {"moderation": True})
+        assert plan is not None
+        self.assertTrue(await plan.stops("bad text", "sk-user"))
+        self.assertEqual(len(moderations.seen), 1)
+        self.assertIn(f"CONNECT 127.0.0.1:{port}", tiny.daemon.output)
 
 
 class EgressFailureTests(_ThroughProxies):

@@ -8,11 +8,14 @@ L{tests.redis_server}.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import subprocess
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SkipTest
 
 from tests.redis_server import Watch, free_port
 
@@ -110,8 +113,14 @@ class Dante:
         return f"{scheme}://127.0.0.1:{self.port}"
 
     @classmethod
-    async def start(cls, test: Any, *, blocked_port: int | None = None) -> Dante:
-        """Start one; it refuses connections to C{blocked_port}, if given."""
+    async def start(
+        cls, test: Any, *, blocked_port: int | None = None, usernames: bool = False
+    ) -> Dante:
+        """
+        Start one; it refuses connections to C{blocked_port}, if given; with
+        C{usernames}, it asks for a user and password (a system user's: see
+        L{system_user}).
+        """
         proxy = cls(free_port())
         directory = test.mktemp()
         os.makedirs(directory)
@@ -119,11 +128,11 @@ class Dante:
             "logoutput: stderr",
             f"internal: 127.0.0.1 port = {proxy.port}",
             "external: 127.0.0.1",
-            "socksmethod: none",
+            f"socksmethod: {'username' if usernames else 'none'}",
             "clientmethod: none",
         ]
         if os.geteuid() == 0:
-            lines.append("user.notprivileged: nobody")
+            lines += ["user.privileged: root", "user.notprivileged: nobody"]
         lines.append("client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }")
         if blocked_port is not None:
             lines.append(
@@ -138,3 +147,34 @@ class Dante:
         test.addCleanup(proxy.daemon.stop)
         await proxy.daemon.watch.ready
         return proxy
+
+
+def system_user(test: Any) -> tuple[str, str]:
+    """
+    A system user with a password, for dante's C{username} method (which
+    checks the system's users), removed at C{test}'s cleanup.  Only as root.
+
+    @raise SkipTest: when not root, or C{useradd} is missing or fails.
+    """
+    if os.geteuid() != 0 or not shutil.which("useradd", path=_SBIN):
+        raise SkipTest(
+            "dante's username method checks system users: creating one needs "
+            "root and useradd"
+        )
+    name = f"egress{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(12)
+    useradd = shutil.which("useradd", path=_SBIN)
+    chpasswd = shutil.which("chpasswd", path=_SBIN)
+    userdel = shutil.which("userdel", path=_SBIN)
+    assert useradd and chpasswd and userdel
+    made = subprocess.run(
+        [useradd, "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        capture_output=True,
+    )
+    if made.returncode != 0:
+        raise SkipTest(f"useradd failed: {made.stderr.decode(errors='replace')}")
+    test.addCleanup(subprocess.run, [userdel, name], capture_output=True)
+    subprocess.run(
+        [chpasswd], input=f"{name}:{password}".encode(), check=True, capture_output=True
+    )
+    return name, password

@@ -30,7 +30,13 @@ from openai_proxy.upstream.client import CachedEndpoints
 from openai_proxy.upstream.egress import EgressSettings, endpoint_to, parse_proxy
 from openai_proxy.upstream.tunnel import SOCKS5, EgressProxyError, HTTPConnect
 from tests.certs import make_certs, trust
-from tests.egress_proxies import SKIP_DANTE, SKIP_TINYPROXY, Dante, TinyProxy
+from tests.egress_proxies import (
+    SKIP_DANTE,
+    SKIP_TINYPROXY,
+    Dante,
+    TinyProxy,
+    system_user,
+)
 from tests.fake_tms import FakeTMS
 from tests.fake_upstream import FakeOpenAI, Script, chat_stream
 from tests.harness import AUTH, TMS_ID, TMS_SECRET, Proxy, client, closed_port_url
@@ -505,6 +511,21 @@ class SOCKS5Tests(_ThroughProxies):
                 self.assertEqual((code, body["object"]), (200, "list"), scheme)
             self.assertEqual(self.pooled(proxy), 1)
         self.assertEqual(len(self.fake.received), 4)
+
+    async def test_socks5_user_and_password(self) -> None:
+        user, password = system_user(self)
+        dante = await Dante.start(self, usernames=True)
+        host = f"127.0.0.1:{dante.port}"
+        proxy = self.proxy(EGRESS_PROXY=f"socks5h://{user}:{password}@{host}")
+        code, _ = await self.get_models(proxy)
+        self.assertEqual(code, 200)
+        for url in (f"socks5h://{user}:wrong-{SECRET}@{host}", f"socks5h://{host}"):
+            proxy = self.proxy(EGRESS_PROXY=url)
+            code, body = await self.get_models(proxy)
+            self.assertEqual(
+                (code, body["error"]["code"]), (502, "egress_proxy_auth_failed"), url
+            )
+            self.assertNotIn(SECRET, body["error"]["message"])
 
     async def test_a_refused_socks_connection_names_the_reply(self) -> None:
         dante = await Dante.start(self, blocked_port=self.upstream_port)

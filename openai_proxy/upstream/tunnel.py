@@ -136,6 +136,16 @@ class _HandshakeFactory(Factory):
         self._done = done
         self._state = state
 
+    # The wrapped factory is started and stopped with this one, as a
+    # WrappingFactory does (its protocols are built on this one's connection).
+    def doStart(self) -> None:
+        super().doStart()
+        self._wrapped.doStart()
+
+    def doStop(self) -> None:
+        self._wrapped.doStop()
+        super().doStop()
+
     def buildProtocol(self, addr: IAddress | None) -> _Handshake:
         protocol = self._handshake()
         protocol.wrapped_factory = self._wrapped
@@ -209,7 +219,8 @@ class _Handshake(Protocol):
 def _authority(host: str, port: int) -> bytes:
     if ":" in host:  # an IPv6 literal
         host = f"[{host}]"
-    return f"{host}:{port}".encode("idna")
+    text = f"{host}:{port}"
+    return text.encode("ascii") if text.isascii() else text.encode("idna")
 
 
 class HTTPConnect(_Handshake):

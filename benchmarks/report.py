@@ -28,6 +28,20 @@ _ROWS: list[tuple[str, str, tuple[str, ...], float | None, bool]] = [
             ("egress", f"{kind} CPU ratio", (kind, "cpu_per_request_ratio"), 1.1, True),
             (
                 "egress",
+                f"{kind} 1-conn CPU direct",
+                (kind, "latency", "direct_cpu_us_per_request"),
+                None,
+                True,
+            ),
+            (
+                "egress",
+                f"{kind} 1-conn CPU CONNECT",
+                (kind, "latency", "egress_cpu_us_per_request"),
+                None,
+                True,
+            ),
+            (
+                "egress",
                 f"{kind} added p50 ms",
                 (kind, "latency", "added_p50_ms"),
                 None,

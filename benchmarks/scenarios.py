@@ -347,18 +347,23 @@ def _dante(directory: str) -> tuple[Any, int] | None:
     return proc, port
 
 
-def _paired_p50(h: Harness, ports: tuple[int, int], raw: bytes) -> dict[str, Any]:
-    # Concurrency 1, alternating the two proxies on keep-alive connections.
+def _paired_p50(
+    h: Harness, proxies: tuple[procs.Proxy, procs.Proxy], raw: bytes
+) -> dict[str, Any]:
+    # Concurrency 1, alternating the two proxies on keep-alive connections:
+    # latency, and CPU per request with no load competing for the CPUs.
     count = 300 if h.settings.quick else 2000
-    a, b = (probes.Connection(port) for port in ports)
+    a, b = (probes.Connection(p.port) for p in proxies)
     try:
         for _ in range(100):
             a.exchange(raw)
             b.exchange(raw)
         first, second = [], []
+        cpu0 = [p.cpu() for p in proxies]
         for _ in range(count):
             first.append(a.exchange(raw).seconds)
             second.append(b.exchange(raw).seconds)
+        cpu = [p.cpu() - c for p, c in zip(proxies, cpu0, strict=True)]
     finally:
         a.close()
         b.close()
@@ -368,6 +373,8 @@ def _paired_p50(h: Harness, ports: tuple[int, int], raw: bytes) -> dict[str, Any
         "direct_ms": p_a,
         "egress_ms": p_b,
         "added_p50_ms": round(p_b["p50"] - p_a["p50"], 4),
+        "direct_cpu_us_per_request": round(cpu[0] / count * 1e6, 1),
+        "egress_cpu_us_per_request": round(cpu[1] / count * 1e6, 1),
     }
 
 
@@ -416,7 +423,7 @@ def egress(h: Harness) -> dict[str, Any]:
                 b = h.proxy(upstream=upstream, SSL_CERT_FILE=ca, EGRESS_PROXY=via)
                 try:
                     raw = probes.request_bytes(body)
-                    latency = _paired_p50(h, (a.port, b.port), raw)
+                    latency = _paired_p50(h, (a, b), raw)
                 finally:
                     procs.stop(a.proc)
                     procs.stop(b.proc)
@@ -429,7 +436,7 @@ def egress(h: Harness) -> dict[str, Any]:
                     )
                     a = h.proxy(upstream=upstream, SSL_CERT_FILE=ca)
                     try:
-                        socks_latency = _paired_p50(h, (a.port, b.port), raw)
+                        socks_latency = _paired_p50(h, (a, b), raw)
                     finally:
                         procs.stop(a.proc)
                         procs.stop(b.proc)

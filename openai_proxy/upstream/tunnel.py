@@ -87,10 +87,8 @@ class TunnelEndpoint:
         self._proxy = proxy
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        state: dict[str, Any] = {}
-
         def cancel(d: Deferred[IProtocol]) -> None:
-            shaking: _Handshake | None = state.get("handshake")
+            shaking = factory.built
             transport: Any = None if shaking is None else shaking.transport
             if transport is not None:
                 transport.abortConnection()
@@ -104,7 +102,7 @@ class TunnelEndpoint:
                 )
 
         done: Deferred[IProtocol] = Deferred(cancel)
-        factory = _HandshakeFactory(self._handshake, protocolFactory, done, state)
+        factory = _HandshakeFactory(self._handshake, protocolFactory, done)
         connecting = self._proxy_endpoint.connect(factory)
 
         def unreachable(failure: Failure) -> None:
@@ -129,12 +127,12 @@ class _HandshakeFactory(Factory):
         handshake: Callable[[], _Handshake],
         wrapped: IProtocolFactory,
         done: Deferred[IProtocol],
-        state: dict[str, Any],
     ) -> None:
         self._handshake = handshake
         self._wrapped = wrapped
         self._done = done
-        self._state = state
+        #: The handshake under way, once connected to the proxy.
+        self.built: _Handshake | None = None
 
     # The wrapped factory is started and stopped with this one, as a
     # WrappingFactory does (its protocols are built on this one's connection).
@@ -150,7 +148,7 @@ class _HandshakeFactory(Factory):
         protocol = self._handshake()
         protocol.wrapped_factory = self._wrapped
         protocol.done = self._done
-        self._state["handshake"] = protocol
+        self.built = protocol
         return protocol
 
 

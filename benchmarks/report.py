@@ -7,6 +7,55 @@ from typing import Any
 
 # (scenario, label, path into its result, target, lower is better)
 _ROWS: list[tuple[str, str, tuple[str, ...], float | None, bool]] = [
+    *(
+        row
+        for kind in ("non-stream", "stream")
+        for row in (
+            (
+                "egress",
+                f"{kind} direct CPU us/req",
+                (kind, "direct", "proxy_cpu_us_per_request"),
+                None,
+                True,
+            ),
+            (
+                "egress",
+                f"{kind} CONNECT CPU us/req",
+                (kind, "egress", "proxy_cpu_us_per_request"),
+                None,
+                True,
+            ),
+            ("egress", f"{kind} CPU ratio", (kind, "cpu_per_request_ratio"), 1.1, True),
+            (
+                "egress",
+                f"{kind} 1-conn CPU direct",
+                (kind, "latency", "direct_cpu_us_per_request"),
+                None,
+                True,
+            ),
+            (
+                "egress",
+                f"{kind} 1-conn CPU CONNECT",
+                (kind, "latency", "egress_cpu_us_per_request"),
+                None,
+                True,
+            ),
+            (
+                "egress",
+                f"{kind} added p50 ms",
+                (kind, "latency", "added_p50_ms"),
+                None,
+                True,
+            ),
+            (
+                "egress",
+                f"{kind} SOCKS5 added p50 ms",
+                (kind, "latency", "socks5_dante", "added_p50_ms"),
+                None,
+                True,
+            ),
+        )
+    ),
     ("non-stream", "direct req/s", ("direct", "rate"), None, False),
     ("non-stream", "direct p50 / p99 ms", ("direct", "p50_ms"), None, True),
     ("non-stream", "proxy req/s", ("proxy", "rate"), None, False),

@@ -6,7 +6,9 @@ a dict of figures (and C{"skipped"} with a reason when it cannot run).
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import socket
 import tempfile
 import time
@@ -299,6 +301,162 @@ def moderated_stream(h: Harness) -> dict[str, Any]:
     return result
 
 
+def _tinyproxy(directory: str) -> tuple[Any, int] | None:
+    # Debian's tinyproxy on a free loopback port (None when not installed).
+    binary = shutil.which("tinyproxy")
+    if binary is None:
+        return None
+    port = procs.free_port()
+    conf = os.path.join(directory, "tinyproxy.conf")
+    with open(conf, "w") as f:
+        f.write(
+            f"Port {port}\nListen 127.0.0.1\nTimeout 600\nAllow 127.0.0.1\n"
+            "MaxClients 200\nLogLevel Warning\n"
+        )
+    proc = procs.spawn([binary, "-d", "-c", conf], procs.RESULTS / "tinyproxy.log")
+    deadline = time.monotonic() + 10
+    while not procs._listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("tinyproxy did not start; see tinyproxy.log")
+        time.sleep(0.05)
+    return proc, port
+
+
+def _dante(directory: str) -> tuple[Any, int] | None:
+    # Debian's danted (SOCKS5, no authentication) on a free loopback port.
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"])
+    binary = shutil.which("danted", path=path)
+    if binary is None:
+        return None
+    port = procs.free_port()
+    conf = os.path.join(directory, "danted.conf")
+    with open(conf, "w") as f:
+        f.write(
+            f"logoutput: stderr\ninternal: 127.0.0.1 port = {port}\n"
+            "external: 127.0.0.1\nsocksmethod: none\nclientmethod: none\n"
+            + ("user.notprivileged: nobody\n" if os.geteuid() == 0 else "")
+            + "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
+            "socks pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
+        )
+    proc = procs.spawn([binary, "-f", conf, "-N", "1"], procs.RESULTS / "danted.log")
+    deadline = time.monotonic() + 10
+    while not procs._listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("danted did not start; see danted.log")
+        time.sleep(0.05)
+    return proc, port
+
+
+def _paired_p50(
+    h: Harness, proxies: tuple[procs.Proxy, procs.Proxy], raw: bytes
+) -> dict[str, Any]:
+    # Concurrency 1, alternating the two proxies on keep-alive connections:
+    # latency, and CPU per request with no load competing for the CPUs.
+    count = 300 if h.settings.quick else 2000
+    a, b = (probes.Connection(p.port) for p in proxies)
+    try:
+        for _ in range(100):
+            a.exchange(raw)
+            b.exchange(raw)
+        first, second = [], []
+        cpu0 = [p.cpu() for p in proxies]
+        for _ in range(count):
+            first.append(a.exchange(raw).seconds)
+            second.append(b.exchange(raw).seconds)
+        cpu = [p.cpu() - c for p, c in zip(proxies, cpu0, strict=True)]
+    finally:
+        a.close()
+        b.close()
+    p_a, p_b = probes.percentiles(first), probes.percentiles(second)
+    return {
+        "requests": count,
+        "direct_ms": p_a,
+        "egress_ms": p_b,
+        "added_p50_ms": round(p_b["p50"] - p_a["p50"], 4),
+        "direct_cpu_us_per_request": round(cpu[0] / count * 1e6, 1),
+        "egress_cpu_us_per_request": round(cpu[1] / count * 1e6, 1),
+    }
+
+
+def egress(h: Harness) -> dict[str, Any]:
+    """
+    The proxy to its https upstream directly vs through tinyproxy (HTTP
+    CONNECT, pooled tunnels): proxy CPU per request and added p50,
+    non-streamed and streamed; and the added p50 through dante (SOCKS5),
+    when installed.
+    """
+    port, ca = h.tls_upstream()
+    upstream = f"https://localhost:{port}"
+    with tempfile.TemporaryDirectory(prefix="bench-egress-") as directory:
+        started = _tinyproxy(directory)
+        if started is None:
+            return {"skipped": "tinyproxy is not installed (apt-get install tinyproxy)"}
+        tiny, tiny_port = started
+        via = f"http://127.0.0.1:{tiny_port}"
+        try:
+            result: dict[str, Any] = {}
+            for name, body, units in (
+                ("non-stream", CHAT, 1),
+                ("stream", CHAT_STREAM, EVENTS + 1),
+            ):
+                direct = _throughput(
+                    h,
+                    body,
+                    units,
+                    start=lambda: h.proxy(upstream=upstream, SSL_CERT_FILE=ca),
+                    direct_port=0,
+                )["proxy"]
+                tiny_cpu0 = procs.cpu_seconds(tiny.pid)
+                through = _throughput(
+                    h,
+                    body,
+                    units,
+                    start=lambda: h.proxy(
+                        upstream=upstream, SSL_CERT_FILE=ca, EGRESS_PROXY=via
+                    ),
+                    direct_port=0,
+                )["proxy"]
+                through["tinyproxy_cpu_s"] = round(
+                    procs.cpu_seconds(tiny.pid) - tiny_cpu0, 2
+                )
+                a = h.proxy(upstream=upstream, SSL_CERT_FILE=ca)
+                b = h.proxy(upstream=upstream, SSL_CERT_FILE=ca, EGRESS_PROXY=via)
+                try:
+                    raw = probes.request_bytes(body)
+                    latency = _paired_p50(h, (a, b), raw)
+                finally:
+                    procs.stop(a.proc)
+                    procs.stop(b.proc)
+                socks = _dante(directory)
+                if socks is not None:
+                    b = h.proxy(
+                        upstream=upstream,
+                        SSL_CERT_FILE=ca,
+                        EGRESS_PROXY=f"socks5h://127.0.0.1:{socks[1]}",
+                    )
+                    a = h.proxy(upstream=upstream, SSL_CERT_FILE=ca)
+                    try:
+                        socks_latency = _paired_p50(h, (a, b), raw)
+                    finally:
+                        procs.stop(a.proc)
+                        procs.stop(b.proc)
+                        procs.stop(socks[0])
+                    latency["socks5_dante"] = socks_latency
+                result[name] = {
+                    "direct": direct,
+                    "egress": through,
+                    "cpu_per_request_ratio": round(
+                        through["proxy_cpu_us_per_request"]
+                        / max(0.1, direct["proxy_cpu_us_per_request"]),
+                        3,
+                    ),
+                    "latency": latency,
+                }
+        finally:
+            procs.stop(tiny)
+    return result
+
+
 def _stats(port: int) -> dict[str, int]:
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"GET /__stats HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -327,4 +485,5 @@ SCENARIOS: dict[str, Callable[[Harness], dict[str, Any]]] = {
     "limits": limits,
     "limits-callgrind": limits_instructions,
     "by-model": by_model,
+    "egress": egress,
 }

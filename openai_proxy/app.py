@@ -56,7 +56,7 @@ class ProxyApp(Service):
     def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
         self.pool = make_pool(reactor)
-        self.client = make_client(reactor, self.pool)
+        self.client = make_client(reactor, self.pool, egress=config.egress)
         self.metrics = Metrics()
         self.drain = DrainService(config.grace, reactor)
         # The openai backend can only be probed with a server-held key: with
@@ -73,6 +73,7 @@ class ProxyApp(Service):
             # The relay's client: it keeps no cookies, and shares its endpoints.
             openai_client_factory=lambda: (self.client, config.upstream),
             on_call=self._moderation_call,
+            tencent_proxy=config.tms_proxy(),
         )
         self._probe = LoopingCall(self._probe_moderation)
         self._probe.clock = reactor
@@ -177,17 +178,21 @@ class ProxyApp(Service):
                 config.redis_url,
                 config.moderation.tencent_secret_id,
                 config.moderation.tencent_secret_key,
+                *(s for p in config.egress.proxies() for s in p.secrets()),
             ]
         )
 
     def upstream_client(self, upstream: Upstream) -> RelayClient:
         """
         The client requests to C{upstream} (of C{UPSTREAMS_FILE}) go out
-        through.  This is where an upstream's own egress proxy
-        (C{upstream.proxy}) is to be plugged in, with a client of its own
-        over the shared pool; until then every upstream shares the relay's
-        client.
+        through: the relay's own, its connections to C{upstream} pinned to
+        the upstream's own egress proxy when it names one (pooled like the
+        rest).
         """
+        endpoints = self.client.endpoints
+        if upstream.proxy is not None and endpoints is not None:
+            # Per request, so that a SIGHUP's new proxy takes effect.
+            endpoints.use_proxy(upstream.base_url, upstream.proxy)
         return self.client
 
     def startService(self) -> None:

@@ -7,6 +7,7 @@ option wins.  A bad value raises L{ConfigError} naming the setting.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,7 @@ from openai_proxy.upstream.channels import (
     UpstreamsFileError,
     read_upstreams_file,
 )
+from openai_proxy.upstream.egress import EgressSettings
 
 
 def parse_workers(raw: str | None) -> int:
@@ -135,6 +137,9 @@ class Config:
     quota_tz: str = "UTC"
     upstreams_file: str | None = None
     upstreams: tuple[Upstream, ...] = field(default=(), repr=False)
+    #: Egress proxies: C{EGRESS_PROXY}, C{HTTPS_PROXY}, C{HTTP_PROXY},
+    #: C{ALL_PROXY}, C{NO_PROXY} (their C{repr} hides credentials).
+    egress: EgressSettings = field(default_factory=EgressSettings)
 
     @classmethod
     def load(
@@ -220,7 +225,24 @@ class Config:
             moderation=ModerationConfig.load(source),
             **_key_settings(source),
             **_upstreams_settings(source, environ),
+            egress=_egress(environ, source("egress-proxy", "EGRESS_PROXY")),
         )._checked()
+
+    def tms_proxy(self) -> str | None:
+        """
+        The egress proxy URL (with its credentials) the C{tencent}
+        moderation backend reaches TMS through, chosen as for an upstream;
+        L{None}: direct.
+        """
+        # As the backend reads TENCENT_CLOUD_ENDPOINT: http:// selects plain
+        # HTTP, anything else is https.
+        endpoint = self.moderation.tencent_endpoint
+        plain = endpoint.lower().startswith("http://")
+        parts = urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
+        protocol = "http" if plain else "https"
+        port = parts.port or (80 if plain else 443)
+        proxy = self.egress.proxy_for(protocol, parts.hostname or "", port)
+        return None if proxy is None else proxy.url()
 
     def _checked(self) -> Config:
         if (
@@ -232,6 +254,17 @@ class Config:
             # suits a listen only one process can hold.
             return replace(self, workers=1)._checked()
         check_listen(self.listen, self.workers)
+        tms_proxy = self.tms_proxy() if self.moderation.backend == "tencent" else None
+        if (
+            tms_proxy is not None
+            and tms_proxy.startswith("socks")
+            and importlib.util.find_spec("socks") is None
+        ):
+            raise ConfigError(
+                "EGRESS_PROXY",
+                "Tencent TMS through a SOCKS proxy needs PySocks: "
+                "pip install 'requests[socks]' (or list the TMS host in NO_PROXY)",
+            )
         if (
             self.openai_keys
             and not self.proxy_keys
@@ -305,6 +338,14 @@ def _routes(options: Sequence[str], env: str | None) -> tuple[tuple[str, str], .
             )
         routes[prefix.strip()] = parse_base_url(setting, url)
     return tuple(routes.items())
+
+
+def _egress(env: Mapping[str, str], override: str | None) -> EgressSettings:
+    try:
+        return EgressSettings.from_environment(env, override)
+    except ValueError as e:
+        setting, reason = e.args
+        raise ConfigError(setting, reason) from None
 
 
 def _keys(source: Source, file_option: str, env_name: str) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from openai_proxy.keys.accounting import Account
 from openai_proxy.moderation import StreamModerator
 from openai_proxy.telemetry.metrics import RequestHandle
 from openai_proxy.upstream.relay import BodyRelay
+from openai_proxy.upstream.tunnel import EgressProxyError
 
 _log = Logger()
 
@@ -116,8 +117,16 @@ def upstream_error(failure: Failure) -> ProxyError:
     C{upstream_timeout} when none came in time, C{upstream_error} when the
     upstream was reached but broke off or sent a head that cannot be read
     (partial, malformed, oversized), C{upstream_unreachable} when it could
-    not be reached at all.
+    not be reached at all; and C{egress_proxy_*} when the egress proxy on
+    the way is why.
     """
+    value = failure.value
+    if isinstance(value, EgressProxyError):
+        if value.kind == "auth_failed":
+            return errors.egress_proxy_auth_failed(value.status)
+        if value.kind == "refused":
+            return errors.egress_proxy_refused(value.status)
+        return errors.egress_proxy_unreachable()
     if isinstance(failure.value, ResponseFailed):
         # Connected and sent (ResponseNeverReceived) or some of the head
         # came back: either way the upstream was reached.
@@ -135,4 +144,7 @@ ERROR_KINDS = {
     errors.UPSTREAM_TIMEOUT.code: "timeout",
     errors.UPSTREAM_UNREACHABLE.code: "unreachable",
     errors.UPSTREAM_FAILED.code: "reset",
+    "egress_proxy_unreachable": "egress_proxy",
+    "egress_proxy_auth_failed": "egress_proxy",
+    "egress_proxy_refused": "egress_proxy",
 }

@@ -45,6 +45,12 @@ _CORE_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
         "none",
         "File of server-held upstream keys (instead of OPENAI_KEY).",
     ),
+    (
+        "egress-proxy",
+        "EGRESS_PROXY",
+        "none",
+        "Egress proxy URL (http://, socks5://, socks5h://) or none.",
+    ),
     ("timeout", "TIMEOUT", "30000", "Upstream timeout in ms."),
     (
         "send-timeout",
@@ -124,6 +130,10 @@ ENVIRONMENT_ONLY: tuple[tuple[str, str, str], ...] = (
     ),
     ("ADMIN_KEY", "none", "Bearer token for GET /usage (off without it)."),
     ("REDIS_URL", "none", "redis://, rediss:// or unix:// for shared limits."),
+    ("HTTPS_PROXY", "none", "Egress proxy for https upstreams (or https_proxy)."),
+    ("HTTP_PROXY", "none", "Egress proxy for http upstreams (or http_proxy)."),
+    ("ALL_PROXY", "none", "Egress proxy when the two above are unset."),
+    ("NO_PROXY", "none", "Hosts reached directly, comma-separated."),
 )
 
 

@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -114,3 +115,19 @@ def make_certs(directory: str, host: str = "localhost") -> Certs:
     with open(paths.key, "wb") as f:
         f.write(_pem(key))
     return paths
+
+
+def trust(test: Any, ca: str | None) -> None:
+    """
+    Make OpenSSL trust only C{ca} (through C{SSL_CERT_FILE}; L{None}: the
+    system's CAs) until C{test}'s cleanup.
+    """
+    old = os.environ.get("SSL_CERT_FILE")
+    if ca is None:
+        os.environ.pop("SSL_CERT_FILE", None)
+    else:
+        os.environ["SSL_CERT_FILE"] = ca
+    if old is None:
+        test.addCleanup(os.environ.pop, "SSL_CERT_FILE", None)
+    else:
+        test.addCleanup(os.environ.__setitem__, "SSL_CERT_FILE", old)

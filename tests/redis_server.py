@@ -89,16 +89,24 @@ def free_port() -> int:
         return port
 
 
-class _Watch(ProcessProtocol):
-    def __init__(self) -> None:
+class Watch(ProcessProtocol):
+    """
+    A server process's output: C{ready} fires once it says C{marker} (on
+    stdout or stderr), C{ended} when it has exited.
+    """
+
+    def __init__(self, marker: bytes = b"Ready to accept connections") -> None:
         self.ready: Deferred[None] = Deferred()
         self.ended: Deferred[None] = Deferred()
+        self._marker = marker
         self._seen = b""
 
     def outReceived(self, data: bytes) -> None:
         self._seen += data
-        if not self.ready.called and b"Ready to accept connections" in self._seen:
+        if not self.ready.called and self._marker in self._seen:
             self.ready.callback(None)
+
+    errReceived = outReceived
 
     def processEnded(self, reason: Failure) -> None:
         if not self.ready.called:
@@ -112,7 +120,7 @@ class RedisServer:
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._watch = _Watch()
+        self._watch = Watch()
         self._process: Any = None
         self._args: list[str] = []
 
@@ -152,7 +160,7 @@ class RedisServer:
         return server
 
     def _spawn(self) -> None:
-        self._watch = _Watch()
+        self._watch = Watch()
         self._process = reactor.spawnProcess(
             self._watch, self._args[0], self._args, env=None
         )

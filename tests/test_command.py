@@ -103,6 +103,9 @@ class CommandLineTests(TestCase):
             names,
         )
         for name in sorted(names):
+            if name.endswith("_proxy"):
+                # https_proxy and friends: documented with the upper-case form.
+                name = name.upper()
             self.assertRegex(text, rf"\[{name}, default [^\]]+\]", name)
 
     def test_help_states_every_default_one_way(self) -> None:

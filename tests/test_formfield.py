@@ -174,6 +174,12 @@ class FormFieldTests(SynchronousTestCase):
             with self.assertRaises(FormError, msg=body):
                 models_in(body)
 
+    def test_a_value_with_a_line_break_cannot_be_read(self) -> None:
+        # The standard library's parser reads b"\r\n" as b"": parsers differ.
+        for value in (b"\r\n", b"\r\ngpt-4o", b"gpt-4o\n", b"gpt\r4o"):
+            with self.assertRaises(FormError, msg=value):
+                models_in(form((b'name="model"', value)))
+
     def test_a_long_value_cannot_be_read(self) -> None:
         body = form((b'name="model"', b"m" * 5000), (b'name="model"', b"m-2"))
         with self.assertRaises(FormError):

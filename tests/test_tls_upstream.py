@@ -16,7 +16,7 @@ from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 
 from openai_proxy.upstream.client import CachedEndpoints
-from tests.certs import make_certs
+from tests.certs import make_certs, trust
 from tests.fake_upstream import FakeOpenAI
 from tests.harness import AUTH, Proxy, client
 
@@ -67,15 +67,7 @@ class HTTPSUpstreamTests(TestCase):
         return path
 
     def trust(self, ca: str | None) -> None:
-        old = os.environ.get("SSL_CERT_FILE")
-        if ca is None:
-            os.environ.pop("SSL_CERT_FILE", None)
-        else:
-            os.environ["SSL_CERT_FILE"] = ca
-        if old is None:
-            self.addCleanup(os.environ.pop, "SSL_CERT_FILE", None)
-        else:
-            self.addCleanup(os.environ.__setitem__, "SSL_CERT_FILE", old)
+        trust(self, ca)
 
     async def get_models(self, proxy: Proxy) -> tuple[int, Any]:
         response = await self.http.get(proxy.url + "/v1/models", headers=AUTH)

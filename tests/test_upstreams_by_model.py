@@ -86,7 +86,7 @@ class FileTests(TestCase):
         assert parsed.proxy is not None
         self.assertEqual(parsed.proxy.password, "p@ss")
         # Shown in logs without its credentials.
-        self.assertEqual(str(parsed.proxy), "socks5h://proxy.internal:1080")
+        self.assertEqual(parsed.proxy.display(), "socks5h://proxy.internal:1080")
         self.assertNotIn("k-one", repr(parsed))
         self.assertNotIn("p@ss", repr(parsed))
 

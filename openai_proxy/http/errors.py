@@ -162,3 +162,46 @@ def body_too_large(limit: int) -> ProxyError:
         f"The request body is larger than this proxy's limit of {limit} bytes.",
         "request_too_large",
     )
+
+
+def egress_proxy_unreachable() -> ProxyError:
+    """
+    The 502 error for an egress proxy that could not be reached, or broke
+    off (or never finished) its handshake: the proxy's fault, not the
+    upstream's.
+    """
+    return ProxyError(
+        502,
+        "The egress proxy could not be reached.",
+        "egress_proxy_unreachable",
+        "api_error",
+    )
+
+
+def egress_proxy_auth_failed(status: str | None) -> ProxyError:
+    """
+    The 502 error for an egress proxy that refused this proxy's credentials
+    (HTTP 407, or a SOCKS5 authentication failure); C{status} is what it
+    answered.
+    """
+    said = f" ({status})" if status else ""
+    return ProxyError(
+        502,
+        f"The egress proxy refused this proxy's credentials{said}.",
+        "egress_proxy_auth_failed",
+        "api_error",
+    )
+
+
+def egress_proxy_refused(status: str | None) -> ProxyError:
+    """
+    The 502 error for an egress proxy that would not open a tunnel to the
+    upstream, naming what it answered (C{403 Forbidden}, a SOCKS reply).
+    """
+    said = f": {status}" if status else ""
+    return ProxyError(
+        502,
+        f"The egress proxy refused to open a tunnel to the upstream{said}.",
+        "egress_proxy_refused",
+        "api_error",
+    )

@@ -125,7 +125,7 @@ def form_fields(
     surrounding whitespace removed.
 
     @raise FormError: the form cannot be read surely, or one of those
-        values is over 1 KiB.
+        values is over 1 KiB or holds a line break.
     """
     found: dict[str, list[bytes]] = {}
 
@@ -147,6 +147,12 @@ def form_fields(
         return take
 
     read_form(body, boundary, on_part)
+    for name, values in found.items():
+        # A short text field (a model's name, a purpose) never holds a line
+        # break, and parsers differ on them (the standard library's MIME
+        # parser reads a value of one CRLF as empty, of two as one).
+        if any(b"\r" in value or b"\n" in value for value in values):
+            raise FormError(f"the form's {name!r} field holds a line break")
     return found
 
 

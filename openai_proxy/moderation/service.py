@@ -49,6 +49,9 @@ class Moderation(Service):
     @param backend: use this backend instead of the configured one (tests).
     @param on_call: told of every backend call (backend name, result,
         seconds), e.g. C{metrics.moderation_call}.
+    @param tencent_proxy: the egress proxy URL (credentials and all) the
+        C{tencent} backend reaches TMS through, or L{None} for a direct
+        connection (the environment's proxy variables are not read again).
     """
 
     def __init__(
@@ -59,10 +62,13 @@ class Moderation(Service):
         openai_client_factory: OpenAIClientFactory | None = None,
         backend: Backend | None = None,
         on_call: CallObserver | None = None,
+        tencent_proxy: str | None = None,
     ) -> None:
         self.config = config
         if backend is None:
-            backend = _build_backend(config, reactor, openai_client_factory)
+            backend = _build_backend(
+                config, reactor, openai_client_factory, tencent_proxy
+            )
         self._checker = (
             None
             if backend is None
@@ -332,6 +338,7 @@ def _build_backend(
     config: ModerationConfig,
     reactor: Any,
     openai_client_factory: OpenAIClientFactory | None,
+    tencent_proxy: str | None = None,
 ) -> Backend | None:
     if config.backend == "keywords":
         assert config.keywords_file is not None
@@ -345,6 +352,7 @@ def _build_backend(
             endpoint=config.tencent_endpoint,
             biztype=config.tencent_biztype,
             timeout=config.timeout,
+            proxy=tencent_proxy,
         )
         return TencentBackend(settings, reactor, config.threads)
     if config.backend == "openai":

@@ -40,6 +40,7 @@ def summary(config: Config) -> str:
         "listen " + ", ".join(with_default_backlog(d) for d in config.listen),
         "upstream " + _host(config.upstream),
         "routes " + (routes or "none"),
+        "egress: " + _egress(config),
         "keys: " + _keys(config),
         "moderation: " + _moderation(config),
         f"workers {config.workers}" + (" (auto)" if config.workers_auto else ""),
@@ -66,15 +67,37 @@ def _host(url: str) -> str:
 
 
 def _by_model(config: Config) -> str:
-    # Name, host and egress proxy of each (str() of a proxy has no password).
+    # Name, host and egress proxy of each (display() has no password).
     return (
         ", ".join(
             f"{u.name}→{_host(u.base_url)}"
-            + ("" if u.proxy is None else f" via {u.proxy}")
+            + ("" if u.proxy is None else f" via {u.proxy.display()}")
             for u in config.upstreams
         )
         or "none"
     )
+
+
+def _egress(config: Config) -> str:
+    # Which proxy each upstream (and TMS) is reached through, by the same
+    # choice the client makes; display() never shows credentials.
+    targets = [config.upstream, *(url for _, url in config.routes)]
+    m = config.moderation
+    if m.backend == "tencent":
+        endpoint = m.tencent_endpoint
+        targets.append(endpoint if "://" in endpoint else "https://" + endpoint)
+    said: dict[str, str] = {}
+    for url in targets:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or (443 if scheme == "https" else 80)
+        proxy = config.egress.proxy_for(scheme, parts.hostname or "", port)
+        said.setdefault(
+            _host(url), "direct" if proxy is None else "via " + proxy.display()
+        )
+    if all(how == "direct" for how in said.values()):
+        return "direct"
+    return ", ".join(f"{host} {how}" for host, how in said.items())
 
 
 def _count(n: int, what: str) -> str:

@@ -53,7 +53,7 @@ ROUTE_FAMILIES: Final = frozenset(
 #: Method labels: these methods as themselves, anything else as C{OTHER}.
 METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 #: The kinds L{Metrics.upstream_error} accepts.
-UPSTREAM_ERROR_KINDS: Final = ("unreachable", "timeout", "reset")
+UPSTREAM_ERROR_KINDS: Final = ("unreachable", "timeout", "reset", "egress_proxy")
 #: The results L{Metrics.moderation_call} accepts.
 MODERATION_RESULTS: Final = ("pass", "review", "block", "error")
 #: At most this many named keys get a label of their own; others are C{other}.
@@ -381,7 +381,9 @@ class Metrics:
         @param kind: one of L{UPSTREAM_ERROR_KINDS}: C{unreachable} (could not
             connect), C{timeout} (no headers in time, or the body went idle),
             C{reset} (reached, but the connection broke before or during the
-            response, or its head could not be read).
+            response, or its head could not be read), C{egress_proxy} (the
+            egress proxy could not be reached, refused the credentials or
+            the tunnel).
         @raise ValueError: for any other kind.
         """
         try:

@@ -26,12 +26,14 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10 (Tencent SCF's newest): the same parser, from PyPI
     import tomli as tomllib
+
+from openai_proxy.upstream.egress import EgressProxy, parse_proxy
 
 _FIELDS = frozenset(
     {"name", "base_url", "models", "keys", "keys_env", "proxy", "auth_header"}
@@ -39,7 +41,6 @@ _FIELDS = frozenset(
 )
 #: How each C{auth_header} value sends a key.
 AUTH_HEADERS = ("authorization", "api-key")
-_PROXY_SCHEMES = ("http", "socks5", "socks5h")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: Headers the proxy sets itself, which an upstream's C{headers} may not.
@@ -51,24 +52,6 @@ _OWN_HEADERS = frozenset(
 
 class UpstreamsFileError(ValueError):
     """The upstreams file cannot be used; the message says where and why."""
-
-
-@dataclass(frozen=True)
-class EgressProxy:
-    """
-    An upstream's own egress proxy, parsed and checked; C{str()} shows it
-    without credentials, for logs.
-    """
-
-    scheme: str
-    host: str
-    port: int
-    username: str | None = field(default=None, repr=False)
-    password: str | None = field(default=None, repr=False)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -162,7 +145,7 @@ def _parse_entry(where: str, entry: dict[str, Any], env: Mapping[str, str]) -> U
         base_url=base_url,
         models=tuple(models),
         keys=_keys(where, entry, env),
-        proxy=None if proxy is None else parse_proxy(where, proxy),
+        proxy=None if proxy is None else _proxy(where, proxy),
         auth_header=auth_header,
         headers=_headers(where, entry.get("headers", {})),
         weight=weight,
@@ -232,38 +215,14 @@ def _headers(where: str, raw: object) -> tuple[tuple[str, str], ...]:
     return tuple(headers)
 
 
-def parse_proxy(where: str, raw: object) -> EgressProxy:
-    """
-    Parse an egress proxy URL: C{http://}, C{socks5://} or C{socks5h://},
-    with an optional C{user:password@}, a host and a port.
-
-    @raise UpstreamsFileError: why it cannot be used.
-    """
+def _proxy(where: str, raw: object) -> EgressProxy:
+    # Parsed as EGRESS_PROXY is, so that both mean the same.
     if not isinstance(raw, str):
         raise UpstreamsFileError(f"{where}: 'proxy' must be a URL string")
-    parts = urlsplit(raw.strip())
-    scheme = parts.scheme.lower()
-    # Never the URL itself in the message: it may carry a password.
-    if scheme not in _PROXY_SCHEMES or not parts.hostname:
-        raise UpstreamsFileError(
-            f"{where}: 'proxy' must be an http://, socks5:// or socks5h:// URL "
-            "with a host"
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise UpstreamsFileError(f"{where}: 'proxy' must be only scheme, host and port")
     try:
-        port = parts.port
-    except ValueError:
-        raise UpstreamsFileError(f"{where}: bad port in 'proxy'") from None
-    if port is None:
-        port = 1080 if scheme.startswith("socks") else 80
-    return EgressProxy(
-        scheme=scheme,
-        host=parts.hostname,
-        port=port,
-        username=None if parts.username is None else unquote(parts.username),
-        password=None if parts.password is None else unquote(parts.password),
-    )
+        return parse_proxy(raw)
+    except ValueError as e:  # its message never holds the credentials
+        raise UpstreamsFileError(f"{where}: 'proxy': {e}") from None
 
 
 def read_upstreams_file(

@@ -15,7 +15,6 @@ from treq.cookies import IndexableCookieJar
 from treq.response import _Response
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.web.client import (
     URI,
@@ -34,6 +33,8 @@ from twisted.web.iweb import (
     IResponse,
 )
 from zope.interface import implementer
+
+from openai_proxy.upstream.egress import EgressProxy, EgressSettings, endpoint_to
 
 _DOT_SEGMENTS = frozenset({b".", b".."})
 # RFC 3986: no whitespace, control or non-ASCII bytes, and a request target
@@ -184,6 +185,10 @@ class RelayClient(treq.client.HTTPClient):
     the treq versions it was tested with.
     """
 
+    #: The endpoints its agent connects through, when made by L{make_client}
+    #: (to set an upstream's own egress proxy with L{CachedEndpoints.use_proxy}).
+    endpoints: CachedEndpoints | None = None
+
     def __init__(self, agent: IAgent, reactor: IReactorTime) -> None:
         super().__init__(agent, cookiejar=_NoCookies())
         self._reactor = reactor
@@ -232,6 +237,11 @@ class CachedEndpoints:
 
     Only the configured upstreams are ever asked for, so the cache stays
     small; it is emptied should it ever grow past C{limit}.
+
+    A connection goes through the egress proxy C{egress} chooses for its
+    upstream (see L{openai_proxy.upstream.egress}), or the one set for that
+    upstream with L{use_proxy}; tunnelled connections are pooled by the
+    upstream's (scheme, host, port) like direct ones.
     """
 
     def __init__(
@@ -239,11 +249,34 @@ class CachedEndpoints:
         reactor: Any,
         policy: IPolicyForHTTPS | None = None,
         limit: int = 64,
+        egress: EgressSettings | None = None,
     ) -> None:
         self._reactor = reactor
         self._policy = policy or BrowserLikePolicyForHTTPS()
         self._limit = limit
+        self._egress = egress or EgressSettings()
+        self._pinned: dict[tuple[bytes, bytes, int], EgressProxy | None] = {}
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def use_proxy(self, base_url: str, proxy: EgressProxy | None) -> None:
+        """
+        Connect to the upstream at C{base_url} through C{proxy} (L{None}:
+        directly), whatever the egress settings say.  Cheap when nothing
+        changes, so it may be called for every request.
+        """
+        uri = URI.fromBytes(base_url.encode("ascii"))
+        key = (uri.scheme, uri.host, uri.port)
+        if key in self._pinned and self._pinned[key] == proxy:
+            return  # as it was: the cached endpoint stays
+        self._pinned[key] = proxy
+        self._endpoints.pop(key, None)
+
+    def proxy_for(self, scheme: bytes, host: bytes, port: int) -> EgressProxy | None:
+        """The egress proxy connections to this upstream go through, if any."""
+        key = (scheme, host, port)
+        if key in self._pinned:
+            return self._pinned[key]
+        return self._egress.proxy_for(scheme.decode(), host.decode("ascii"), port)
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         key = (uri.scheme, uri.host, uri.port)
@@ -258,13 +291,14 @@ class CachedEndpoints:
     def _make(self, uri: URI) -> IStreamClientEndpoint:
         if uri.scheme not in (b"http", b"https"):
             raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            self._reactor, uri.host.decode("ascii"), uri.port
+        return endpoint_to(
+            self._reactor,
+            self.proxy_for(uri.scheme, uri.host, uri.port),
+            uri.host.decode("ascii"),
+            uri.port,
+            tls=uri.scheme == b"https",
+            policy=self._policy,
         )
-        if uri.scheme == b"https":
-            creator = self._policy.creatorForNetloc(uri.host, uri.port)
-            endpoint = wrapClientTLS(creator, endpoint)
-        return endpoint
 
 
 class _RelayAgent(Agent):
@@ -321,13 +355,17 @@ def make_client(
     reactor: IReactorTime,
     pool: HTTPConnectionPool,
     policy: IPolicyForHTTPS | None = None,
+    egress: EgressSettings | None = None,
 ) -> RelayClient:
     """
     A client over C{pool} that stores no cookies and reuses one endpoint
-    (and TLS options) per upstream.  Callers of C{request} pass
+    (and TLS options) per upstream, each through the egress proxy
+    C{egress} chooses for it.  Callers of C{request} pass
     C{allow_redirects=False}: a redirect must reach the client, not be
     followed to a host nobody configured.
     """
-    endpoints = CachedEndpoints(reactor, policy)
+    endpoints = CachedEndpoints(reactor, policy, egress=egress)
     agent = _RelayAgent.usingEndpointFactory(reactor, endpoints, pool)
-    return RelayClient(agent, reactor)
+    client = RelayClient(agent, reactor)
+    client.endpoints = endpoints
+    return client

@@ -21,6 +21,7 @@ class TencentSettings:
     """
     How to reach TMS.  C{endpoint} is a host[:port], or a URL whose
     C{http://} prefix selects plain HTTP (for tests and private gateways).
+    C{proxy} is the egress proxy URL to reach it through (L{None}: direct).
     """
 
     secret_id: str = field(repr=False)
@@ -29,6 +30,7 @@ class TencentSettings:
     endpoint: str = "tms.tencentcloudapi.com"
     biztype: str | None = None
     timeout: float = 5.0
+    proxy: str | None = field(default=None, repr=False)
 
 
 def split_endpoint(endpoint: str) -> tuple[str, str]:
@@ -110,10 +112,23 @@ def _make_client(settings: TencentSettings) -> Any:
 
     protocol, endpoint = split_endpoint(settings.endpoint)
     http = HttpProfile(
-        protocol=protocol, endpoint=endpoint, reqTimeout=settings.timeout
+        protocol=protocol,
+        endpoint=endpoint,
+        reqTimeout=settings.timeout,
+        proxy=settings.proxy,
     )
-    return TmsClient(
+    client = TmsClient(
         Credential(settings.secret_id, settings.secret_key),
         settings.region,
         ClientProfile(httpProfile=http),
     )
+    # Without a proxy, the SDK reads HTTPS_PROXY/HTTP_PROXY itself (its
+    # NO_PROXY test is a substring match), and requests reads them again
+    # (ALL_PROXY too): the proxy's own choice, made once with EGRESS_PROXY
+    # and NO_PROXY, is the only one.  (The attributes are those of
+    # tencentcloud-sdk-python-common's ProxyConnection, as of 3.1.195.)
+    connection = client.request.conn
+    connection._session.trust_env = False
+    proxy = settings.proxy
+    connection.proxy = {"http": proxy, "https": proxy} if proxy else None
+    return client

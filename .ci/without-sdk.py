@@ -1,7 +1,7 @@
 """
 Print the test modules that can run without the openai SDK (for PyPy, where
-it does not install): all but those importing openai, or importing a test
-module that does, however indirectly.
+it does not install): all but those importing openai (or pydantic, which
+comes with it), or importing a test module that does, however indirectly.
 """
 
 import pathlib
@@ -11,7 +11,7 @@ texts = {p.stem: p.read_text() for p in pathlib.Path("tests").glob("test_*.py")}
 left_out = {
     name
     for name, text in texts.items()
-    if re.search(r"^(import|from) openai( |$)", text, re.M)
+    if re.search(r"^(import|from) (openai|pydantic)(\.| |$)", text, re.M)
 }
 while True:
     more = {

@@ -20,6 +20,7 @@ from openai_proxy.keys.limits import (
     Limiter,
     LimitsUnavailable,
     LocalLimiter,
+    Usage,
     rate_headers,
     rate_limited,
 )
@@ -118,6 +119,10 @@ class Accounting:
         self._unsettled += 1
         return Account(self, key, ticket, decision, injected)
 
+    def _charge(self, account: Account, usage: Usage) -> None:
+        self._metrics.tokens(account.key.name, usage.prompt, usage.completion)
+        self.limiter.charge(account.key, usage)
+
     def _settle(self, account: Account) -> None:
         usage = account.meter.usage if account.meter is not None else None
         if usage is not None:
@@ -148,6 +153,8 @@ class Account:
         self.decision = decision
         self.injected = injected
         self.meter: Meter | None = None
+        #: Tokens charged with L{charge} so far.
+        self.charged = 0
         self._closed = False
 
     def decorate(self, request: Request) -> None:
@@ -173,6 +180,26 @@ class Account:
         """The reply body ended (normally or not)."""
         if self.meter is not None:
             self.meter.end()
+
+    def charge(self, usage: Usage) -> None:
+        """
+        Charge tokens as they are reported while the request goes on (a
+        WebSocket session's turns): counted against C{tpm} and in the usage
+        report at once, not when it ends.
+        """
+        self.charged += usage.prompt + usage.completion
+        self._accounting._charge(self, usage)
+
+    def over_tokens(self) -> bool:
+        """
+        Whether the key has spent its C{tpm}: what the window held when this
+        request was admitted, plus what this request was charged since.
+        """
+        tpm = self.key.tpm
+        if tpm is None:
+            return False
+        before = self.decision.tokens_used if self.decision is not None else 0
+        return before + self.charged >= tpm
 
     def close(self) -> None:
         """The request ended: free its slot and charge its tokens (once)."""

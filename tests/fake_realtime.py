@@ -68,6 +68,7 @@ class FakeRealtime:
     received: list[Any] = field(default_factory=list)
     closes: list[Closed] = field(default_factory=list)
     opened: int = 0
+    flooded: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
     _server: Server | None = None
     _thread: threading.Thread | None = None
@@ -138,11 +139,18 @@ class FakeRealtime:
         )
         if self.refuse is not None:
             status, body = self.refuse
-            response = connection.respond(status, "")
-            response.body = body
-            response.headers["Content-Type"] = "application/json"
-            response.headers["Content-Length"] = str(len(body))
-            response.headers["x-request-id"] = "req_refused"
+            response = Response(
+                status,
+                "Refused",
+                Headers(
+                    [
+                        ("Content-Type", "application/json"),
+                        ("Content-Length", str(len(body))),
+                        ("x-request-id", "req_refused"),
+                    ]
+                ),
+                body,
+            )
             return response
         return None
 
@@ -199,6 +207,10 @@ class FakeRealtime:
             await ws.close(event["code"], event.get("reason", ""))
         elif kind == "fake.big":
             await ws.send("x" * event["size"])
+        elif kind == "fake.flood":
+            for _ in range(event["count"]):
+                await ws.send("y" * event["size"])
+                self.flooded += 1
         elif kind == "fake.hangup":
             ws.transport.abort()
 

@@ -22,6 +22,8 @@ from openai_proxy.realtime.filters import Message
 #: Seconds to wait for the peer's answer to our close frame before the
 #: connection is dropped anyway.
 CLOSE_WAIT = 2.0
+#: Seconds the last bytes get to leave before a closed connection is dropped.
+FLUSH_WAIT = 0.1
 #: The proxy's close codes (see the README's "Realtime and WebSockets").
 GOING_AWAY = 1001
 PROTOCOL_ERROR = 1002
@@ -154,6 +156,10 @@ class Wire(TwistedProtocol):
         assert transport is not None
         if self._peer_closed:
             transport.loseConnection()
+            if self._close_timer is None:
+                # Over TLS, loseConnection waits for the peer's close_notify,
+                # which a client waiting for the TCP close never sends.
+                self._close_timer = self._clock.callLater(FLUSH_WAIT, self.abort)
         elif self._close_timer is None:
             # Reading goes on even when paused: the answer must be seen.
             self._resume_transport()

@@ -1,0 +1,343 @@
+"""
+The WebSocket relay, end to end over loopback: the official SDK's realtime
+clients and raw WebSocket clients (the websockets package, in threads)
+through the proxy to a fake realtime upstream (tests/fake_realtime.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from tests.certs import make_certs
+from tests.fake_realtime import DELTAS, FakeRealtime
+from tests.harness import KEY, Proxy, closed_port_url
+
+PROXY_KEY = "pk-realtime-0123456789abcdef"
+SERVER_KEY = "sk-server-0123456789"
+
+
+async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (in 5 ms steps) for C{check}, which another thread makes true."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await deferLater(reactor, 0.005, lambda: None)
+
+
+def events_until(ws: ClientConnection, kind: str) -> list[dict[str, Any]]:
+    """Read events until one of type C{kind} (included)."""
+    seen = []
+    while True:
+        event = json.loads(ws.recv(timeout=5))
+        seen.append(event)
+        if event["type"] == kind:
+            return seen
+
+
+def closed_with(ws: ClientConnection) -> tuple[int | None, str]:
+    """Read until the proxy closes; the code and reason it sent."""
+    try:
+        while True:
+            ws.recv(timeout=5)
+    except ConnectionClosed as e:
+        assert e.rcvd is not None, "closed without a close frame"
+        return e.rcvd.code, e.rcvd.reason
+
+
+class RealtimeTestCase(TestCase):
+    """A fake realtime upstream and a proxy in front of it, per test."""
+
+    env: dict[str, str] = {}
+
+    def setUp(self) -> None:
+        self.fake = FakeRealtime()
+        self.upstream = self.fake.start(self)
+        self.proxy = Proxy(self, {"UPSTREAM": self.upstream, **self.env})
+        self.ws_base = self.proxy.url.replace("http://", "ws://")
+
+    def open(
+        self,
+        path: str = "/v1/realtime?model=gpt-realtime",
+        headers: dict[str, str] | None = None,
+        **options: Any,
+    ) -> ClientConnection:
+        """Connect (blocking: call it in a thread)."""
+        if headers is None:
+            headers = {"Authorization": f"Bearer {KEY}"}
+        return connect(
+            self.ws_base + path,
+            additional_headers=headers,
+            compression=None,
+            max_size=None,
+            open_timeout=5,
+            **options,
+        )
+
+    def session(self) -> Any:
+        sessions = self.proxy.app.resource._realtime.sessions
+        assert len(sessions) == 1
+        return sessions[0]
+
+
+class SDKTests(RealtimeTestCase):
+    async def test_the_ga_sdk_holds_a_session_through_the_proxy(self) -> None:
+        from openai import OpenAI
+
+        def run() -> list[Any]:
+            client = OpenAI(
+                api_key=KEY,
+                base_url=self.proxy.url + "/v1",
+                websocket_base_url=self.ws_base + "/v1",
+            )
+            with client.realtime.connect(model="gpt-realtime") as conn:
+                conn.session.update(
+                    session={"type": "realtime", "instructions": "Be brief."}
+                )
+                conn.response.create()
+                seen = []
+                for event in conn:
+                    seen.append(event)
+                    if event.type == "response.done":
+                        break
+            return seen
+
+        seen = await deferToThread(run)
+        kinds = [e.type for e in seen]
+        self.assertEqual(
+            kinds[:3], ["session.created", "session.updated", "response.created"]
+        )
+        self.assertEqual(kinds[-1], "response.done")
+        text = "".join(e.delta for e in seen if e.type == "response.output_text.delta")
+        self.assertEqual(text, "".join(DELTAS))
+        handshake = self.fake.handshakes[0]
+        self.assertEqual(handshake.path, "/v1/realtime?model=gpt-realtime")
+        self.assertEqual(handshake.headers["Authorization"], f"Bearer {KEY}")
+        self.assertEqual(
+            self.fake.events("session.update")[0]["session"]["instructions"],
+            "Be brief.",
+        )
+
+    async def test_the_beta_sdk_holds_a_session_over_a_tls_listen(self) -> None:
+        from openai import OpenAI
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        certs = make_certs(directory)
+        description = (
+            f"ssl:0:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}"
+        )
+        port = await serverFromString(reactor, description).listen(self.proxy.app.site)
+        self.addCleanup(port.stopListening)
+        context = ssl.create_default_context(cafile=certs.ca)
+
+        def run() -> list[str]:
+            client = OpenAI(
+                api_key=KEY, base_url=f"https://localhost:{port.getHost().port}/v1"
+            )
+            # The beta client always dials wss://, whatever the base URL says.
+            with client.beta.realtime.connect(
+                model="gpt-4o-realtime-preview",
+                websocket_connection_options={"ssl": context},
+            ) as conn:
+                conn.response.create()
+                kinds = []
+                for event in conn:
+                    kinds.append(event.type)
+                    if event.type == "response.done":
+                        break
+            return kinds
+
+        kinds = await deferToThread(run)
+        self.assertIn("response.text.delta", kinds)
+        self.assertEqual(kinds[-1], "response.done")
+        self.assertEqual(self.fake.handshakes[0].headers["OpenAI-Beta"], "realtime=v1")
+
+
+class HandshakeTests(RealtimeTestCase):
+    env = {"PROXY_KEY": PROXY_KEY, "OPENAI_KEY": SERVER_KEY}
+
+    async def test_a_browser_key_in_the_subprotocol_is_taken_and_not_sent_upstream(
+        self,
+    ) -> None:
+        def run() -> str | None:
+            ws = self.open(
+                headers={"OpenAI-Beta": "realtime=v1", "x-request-id": "req_1"},
+                subprotocols=["realtime", f"openai-insecure-api-key.{PROXY_KEY}"],  # type: ignore[list-item]
+            )
+            with ws:
+                events_until(ws, "session.created")
+                return ws.subprotocol
+
+        chosen = await deferToThread(run)
+        self.assertEqual(chosen, "realtime")
+        handshake = self.fake.handshakes[0]
+        self.assertEqual(handshake.subprotocols, ["realtime"])
+        self.assertEqual(handshake.headers["Authorization"], f"Bearer {SERVER_KEY}")
+        self.assertEqual(handshake.headers["OpenAI-Beta"], "realtime=v1")
+        self.assertEqual(handshake.headers["x-request-id"], "req_1")
+        self.assertNotIn(PROXY_KEY, str(handshake.headers))
+
+    async def test_a_wrong_key_is_refused_before_anything_goes_upstream(self) -> None:
+        def run() -> int:
+            try:
+                self.open(subprotocols=["realtime", "openai-insecure-api-key.pk-wrong"])  # type: ignore[list-item]
+            except InvalidStatus as e:
+                body = json.loads(e.response.body or b"{}")
+                assert body["error"]["code"] == "invalid_proxy_key", body
+                return e.response.status_code
+            raise AssertionError("accepted")
+
+        self.assertEqual(await deferToThread(run), 403)
+        self.assertEqual(self.fake.handshakes, [])
+
+    async def test_an_upstream_refusal_reaches_the_client_as_http(self) -> None:
+        body = b'{"error": {"message": "bad key", "code": "invalid_api_key"}}'
+        self.fake.refuse = (401, body)
+
+        def run() -> Any:
+            try:
+                self.open(headers={"Authorization": f"Bearer {PROXY_KEY}"})
+            except InvalidStatus as e:
+                return e.response
+            raise AssertionError("accepted")
+
+        response = await deferToThread(run)
+        self.assertEqual(response.status_code, 401)
+        self.assertEqual(response.body, body)
+        self.assertEqual(response.headers["x-request-id"], "req_refused")
+        self.assertEqual(self.fake.opened, 0)
+
+
+class UnreachableTests(TestCase):
+    async def test_an_unreachable_upstream_gets_502(self) -> None:
+        proxy = Proxy(self, {"UPSTREAM": await closed_port_url()})
+        url = proxy.url.replace("http://", "ws://") + "/v1/realtime"
+
+        def run() -> int:
+            try:
+                connect(url, additional_headers={"Authorization": f"Bearer {KEY}"})
+            except InvalidStatus as e:
+                return e.response.status_code
+            raise AssertionError("accepted")
+
+        self.assertEqual(await deferToThread(run), 502)
+
+
+class FrameTests(RealtimeTestCase):
+    env = {"WS_MAX_MESSAGE": "100000"}
+
+    async def test_text_and_binary_messages_cross_unchanged_and_in_order(self) -> None:
+        payloads: list[str | bytes] = [
+            "plain text",
+            b"\x00\xffbinary",
+            "é" * 1000,
+            bytes(70000),
+        ]
+
+        def run() -> list[str | bytes]:
+            with self.open() as ws:
+                events_until(ws, "session.created")
+                for payload in payloads:
+                    ws.send(payload)
+                # A fragmented message is relayed as one message.
+                ws.send(iter(["frag", "mented"]))
+                return [ws.recv(timeout=5) for _ in range(len(payloads) + 1)]
+
+        echoed = await deferToThread(run)
+        self.assertEqual(echoed, [*payloads, "fragmented"])
+
+    async def test_close_codes_and_reasons_cross_both_ways(self) -> None:
+        def client_closes() -> None:
+            with self.open() as ws:
+                events_until(ws, "session.created")
+                ws.close(4000, "client done")
+
+        await deferToThread(client_closes)
+        await until(lambda: len(self.fake.closes) == 1)
+        self.assertEqual(
+            (self.fake.closes[0].code, self.fake.closes[0].reason),
+            (4000, "client done"),
+        )
+
+        def upstream_closes() -> tuple[int | None, str]:
+            with self.open() as ws:
+                events_until(ws, "session.created")
+                ws.send(
+                    json.dumps(
+                        {"type": "fake.close", "code": 4001, "reason": "server done"}
+                    )
+                )
+                return closed_with(ws)
+
+        self.assertEqual(await deferToThread(upstream_closes), (4001, "server done"))
+
+    async def test_a_message_over_the_limit_closes_with_1009(self) -> None:
+        def run() -> tuple[int | None, str]:
+            with self.open() as ws:
+                events_until(ws, "session.created")
+                ws.send("x" * 100_001)
+                return closed_with(ws)
+
+        code, _ = await deferToThread(run)
+        self.assertEqual(code, 1009)
+        await until(lambda: len(self.fake.closes) == 1)
+        self.assertEqual(self.fake.closes[0].code, 1009)
+        self.assertEqual(self.fake.received, [])
+
+    async def test_a_client_hang_up_closes_the_upstream_within_100_ms(self) -> None:
+        def run() -> float:
+            ws = self.open()
+            events_until(ws, "session.created")
+            ws.socket.shutdown(socket.SHUT_RDWR)
+            ws.socket.close()
+            return time.monotonic()
+
+        hung_up = await deferToThread(run)
+        await until(lambda: len(self.fake.closes) == 1)
+        self.assertLess(self.fake.closes[0].at - hung_up, 0.1)
+        self.assertEqual(self.fake.closes[0].code, 1001)
+
+    async def test_an_upstream_hang_up_closes_the_client_with_1011(self) -> None:
+        def run() -> tuple[float, tuple[int | None, str]]:
+            with self.open() as ws:
+                events_until(ws, "session.created")
+                sent = time.monotonic()
+                ws.send(json.dumps({"type": "fake.hangup"}))
+                closed = closed_with(ws)
+                return time.monotonic() - sent, closed
+
+        took, (code, _) = await deferToThread(run)
+        self.assertEqual(code, 1011)
+        self.assertLess(took, 0.1)
+
+    async def test_a_client_that_stops_reading_pauses_the_upstream(self) -> None:
+        def run() -> ClientConnection:
+            ws = self.open()
+            events_until(ws, "session.created")
+            # Ask for ~64 MB the client will not read.
+            ws.send(json.dumps({"type": "fake.flood", "count": 1000, "size": 65536}))
+            return ws
+
+        ws = await deferToThread(run)
+        self.addCleanup(ws.close)
+        await until(lambda: self.fake.flooded > 10)
+        await deferLater(reactor, 0.3, lambda: None)
+        transport = self.session().client.transport
+        buffered = len(transport.dataBuffer) + transport._tempDataLen
+        self.assertLess(self.fake.flooded, 200)
+        self.assertLess(buffered, 2_000_000)

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -341,3 +342,239 @@ class FrameTests(RealtimeTestCase):
         buffered = len(transport.dataBuffer) + transport._tempDataLen
         self.assertLess(self.fake.flooded, 200)
         self.assertLess(buffered, 2_000_000)
+
+
+KEYS_TOML = """
+[[keys]]
+name = "alice"
+key = "pk-alice-0123456789abcdef"
+concurrency = 1
+tpm = 20
+models = ["gpt-realtime*"]
+
+[[keys]]
+name = "bob"
+key = "pk-bob-0123456789abcdef"
+"""
+ALICE = {"Authorization": "Bearer pk-alice-0123456789abcdef"}
+BOB = {"Authorization": "Bearer pk-bob-0123456789abcdef"}
+
+
+class NamedKeyTests(RealtimeTestCase):
+    def setUp(self) -> None:
+        fd, path = tempfile.mkstemp(suffix=".toml")
+        os.write(fd, KEYS_TOML.encode())
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        self.env = {"KEYS_FILE": path, "OPENAI_KEY": SERVER_KEY}
+        super().setUp()
+
+    async def test_a_model_outside_models_is_refused_at_the_handshake(self) -> None:
+        def run() -> Any:
+            try:
+                self.open("/v1/realtime?model=gpt-4o-realtime-preview", headers=ALICE)
+            except InvalidStatus as e:
+                return e.response
+            raise AssertionError("accepted")
+
+        response = await deferToThread(run)
+        self.assertEqual(response.status_code, 403)
+        self.assertEqual(
+            json.loads(response.body)["error"]["code"], "model_not_allowed"
+        )
+        self.assertEqual(self.fake.handshakes, [])
+
+    async def test_a_session_update_to_another_model_is_refused_with_an_error_event(
+        self,
+    ) -> None:
+        def run() -> dict[str, Any]:
+            with self.open(headers=ALICE) as ws:
+                events_until(ws, "session.created")
+                ws.send(
+                    json.dumps(
+                        {
+                            "type": "session.update",
+                            "event_id": "e1",
+                            "session": {"model": "gpt-4o"},
+                        }
+                    )
+                )
+                error = json.loads(ws.recv(timeout=5))
+                ws.send(
+                    json.dumps(
+                        {
+                            "type": "session.update",
+                            "session": {"model": "gpt-realtime-mini"},
+                        }
+                    )
+                )
+                events_until(ws, "session.updated")
+                return error  # type: ignore[no-any-return]
+
+        error = await deferToThread(run)
+        self.assertEqual(error["type"], "error")
+        self.assertEqual(error["error"]["code"], "model_not_allowed")
+        self.assertEqual(error["error"]["event_id"], "e1")
+        updates = self.fake.events("session.update")
+        self.assertEqual(
+            [u["session"]["model"] for u in updates], ["gpt-realtime-mini"]
+        )
+
+    async def test_a_session_holds_a_concurrency_slot_while_open(self) -> None:
+        def run() -> int:
+            with self.open(headers=ALICE) as ws:
+                events_until(ws, "session.created")
+                try:
+                    self.open(headers=ALICE)
+                except InvalidStatus as e:
+                    return e.response.status_code
+                raise AssertionError("a second session was accepted")
+
+        self.assertEqual(await deferToThread(run), 429)
+        await until(lambda: self.proxy.app.accounting.unsettled == 0)
+
+        def again() -> None:
+            with self.open(headers=ALICE) as ws:
+                events_until(ws, "session.created")
+
+        await deferToThread(again)
+
+    async def test_tokens_are_charged_as_each_response_is_done(self) -> None:
+        def run() -> list[str]:
+            with self.open(headers=BOB) as ws:
+                events_until(ws, "session.created")
+                ws.send(json.dumps({"type": "response.create"}))
+                events_until(ws, "response.done")
+                return []
+
+        await deferToThread(run)
+        await until(lambda: self.proxy.app.accounting.unsettled == 0)
+        report = await self.proxy.app.limiter.report(time.time(), ["bob"])
+        self.assertEqual(report.today["bob"]["prompt_tokens"], 12)
+        self.assertEqual(report.today["bob"]["completion_tokens"], 18)
+        self.assertEqual(report.today["bob"]["requests"], 1)
+        metrics = self.proxy.app.metrics.registry
+        self.assertEqual(
+            metrics.get_sample_value(
+                "openai_proxy_tokens_total", {"key": "bob", "kind": "prompt"}
+            ),
+            12,
+        )
+
+    async def test_a_key_over_tpm_is_stopped_before_its_next_response(self) -> None:
+        def run() -> tuple[dict[str, Any], tuple[int | None, str]]:
+            with self.open(headers=ALICE) as ws:
+                events_until(ws, "session.created")
+                ws.send(json.dumps({"type": "response.create"}))
+                events_until(ws, "response.done")  # 30 tokens: over tpm = 20
+                ws.send(json.dumps({"type": "response.create", "event_id": "e2"}))
+                error = json.loads(ws.recv(timeout=5))
+                return error, closed_with(ws)
+
+        error, (code, _) = await deferToThread(run)
+        self.assertEqual(error["error"]["code"], "rate_limit_exceeded")
+        self.assertEqual(code, 1008)
+        self.assertEqual(len(self.fake.events("response.create")), 1)
+
+
+class OperationsTests(RealtimeTestCase):
+    env = {"GRACE": "0.2"}
+
+    async def test_sessions_are_counted_and_logged_when_they_end(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        lines: list[dict[str, Any]] = []
+        observer = lines.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        metrics = self.proxy.app.metrics.registry
+
+        def run() -> None:
+            with self.open() as ws:
+                events_until(ws, "session.created")
+                ws.send(json.dumps({"type": "response.create"}))
+                events_until(ws, "response.done")
+                assert metrics.get_sample_value("openai_proxy_websocket_sessions") == 1
+                ws.close(4002, "bye")
+
+        await deferToThread(run)
+        await until(lambda: not self.proxy.app.resource._realtime.sessions)
+        self.assertEqual(metrics.get_sample_value("openai_proxy_websocket_sessions"), 0)
+        self.assertEqual(
+            metrics.get_sample_value(
+                "openai_proxy_websocket_closes_total", {"code": "4002"}
+            ),
+            1,
+        )
+        self.assertEqual(
+            metrics.get_sample_value(
+                "openai_proxy_websocket_messages_total", {"direction": "upstream"}
+            ),
+            1,
+        )
+        self.assertEqual(
+            metrics.get_sample_value(
+                "openai_proxy_websocket_messages_total", {"direction": "client"}
+            ),
+            12,
+        )
+        self.assertGreater(
+            metrics.get_sample_value(
+                "openai_proxy_websocket_bytes_total", {"direction": "client"}
+            ),
+            0,
+        )
+        [line] = [e for e in lines if e.get("method") == "WS"]
+        self.assertEqual(line["path"], "/v1/realtime")
+        self.assertEqual((line["close_code"], line["closed_by"]), (4002, "client"))
+        self.assertEqual((line["messages_in"], line["messages_out"]), (1, 12))
+        self.assertNotIn("model=", line["line"])
+
+    async def test_a_drain_lets_sessions_run_for_the_grace_then_closes_them_with_1001(
+        self,
+    ) -> None:
+        def run() -> ClientConnection:
+            ws = self.open()
+            events_until(ws, "session.created")
+            return ws
+
+        ws = await deferToThread(run)
+        self.addCleanup(ws.close)
+        started = time.monotonic()
+        stopping = self.proxy.app.drain.stopService()
+        self.assertEqual(self.proxy.app.resource._realtime.sessions[0].close_code, None)
+
+        def refused() -> int:
+            try:
+                self.open()
+            except InvalidStatus as e:
+                return e.response.status_code
+            raise AssertionError("a session opened while draining")
+
+        self.assertEqual(await deferToThread(refused), 503)
+        await stopping
+        self.assertGreaterEqual(time.monotonic() - started, 0.2)
+        self.assertEqual((await deferToThread(closed_with, ws))[0], 1001)
+        await until(lambda: len(self.fake.closes) == 1)
+        self.assertEqual(self.fake.closes[0].code, 1001)
+
+
+class ChannelTests(TestCase):
+    def test_hand_over_leans_on_http_channel(self) -> None:
+        """
+        ProxyChannel.hand_over reads twisted.web's private C{_dataBuffer}
+        (bytes a client sent while its request was handled) and expects the
+        channel to be its transport's producer: if Twisted changes either,
+        this fails first.
+        """
+        from twisted.internet.testing import StringTransport
+        from twisted.web.http import HTTPChannel
+
+        from openai_proxy.http.server import ProxyChannel
+
+        channel = HTTPChannel()
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.assertIsInstance(channel._dataBuffer, list)
+        self.assertIs(transport.producer, channel)
+        self.assertTrue(callable(getattr(ProxyChannel, "hand_over", None)))

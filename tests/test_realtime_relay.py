@@ -578,3 +578,48 @@ class ChannelTests(TestCase):
         self.assertIsInstance(channel._dataBuffer, list)
         self.assertIs(transport.producer, channel)
         self.assertTrue(callable(getattr(ProxyChannel, "hand_over", None)))
+
+
+class QueryTests(RealtimeTestCase):
+    async def test_the_moderation_parameters_are_not_sent_upstream(self) -> None:
+        def run() -> None:
+            path = "/v1/realtime?model=gpt-realtime&moderation=true&moderation_level=strict"
+            with self.open(path) as ws:
+                events_until(ws, "session.created")
+
+        await deferToThread(run)
+        self.assertEqual(
+            self.fake.handshakes[0].path, "/v1/realtime?model=gpt-realtime"
+        )
+
+
+class KeepAliveTests(RealtimeTestCase):
+    env = {"WS_PING_INTERVAL": "0.05"}
+
+    async def test_a_client_gone_silent_is_dropped_after_unanswered_pings(self) -> None:
+        def run() -> bytes:
+            sock = socket.create_connection(
+                ("127.0.0.1", self.proxy.port.getHost().port)
+            )
+            sock.sendall(
+                b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\n"
+                b"Host: proxy\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n"
+                b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+            )
+            sock.settimeout(5)
+            received = b""
+            try:
+                while chunk := sock.recv(65536):  # never answering a ping
+                    received += chunk
+            except OSError:
+                pass
+            sock.close()
+            return received
+
+        received = await deferToThread(run)
+        self.assertTrue(received.startswith(b"HTTP/1.1 101 "))
+        self.assertIn(b"\x89\x00", received)  # the proxy's pings
+        await until(lambda: len(self.fake.closes) == 1)
+        self.assertEqual(self.fake.closes[0].code, 1001)

@@ -7,6 +7,52 @@ from typing import Any
 
 # (scenario, label, path into its result, target, lower is better)
 _ROWS: list[tuple[str, str, tuple[str, ...], float | None, bool]] = [
+    ("websocket", "small: direct msg/s", ("small_events", "direct_per_s"), None, False),
+    ("websocket", "small: proxy msg/s", ("small_events", "proxy_per_s"), None, False),
+    (
+        "websocket",
+        "small: proxy CPU us/msg",
+        ("small_events", "proxy_cpu_us_per_message"),
+        15,
+        True,
+    ),
+    (
+        "websocket",
+        "32 KB: direct msg/s",
+        ("audio_appends_32k", "direct_per_s"),
+        None,
+        False,
+    ),
+    (
+        "websocket",
+        "32 KB: proxy msg/s",
+        ("audio_appends_32k", "proxy_per_s"),
+        None,
+        False,
+    ),
+    (
+        "websocket",
+        "32 KB: proxy CPU us/msg",
+        ("audio_appends_32k", "proxy_cpu_us_per_message"),
+        None,
+        True,
+    ),
+    (
+        "websocket",
+        "added p50 ms / round trip",
+        ("round_trip", "added_p50_ms"),
+        None,
+        True,
+    ),
+    (
+        "websocket",
+        "added p99 ms / round trip",
+        ("round_trip", "added_p99_ms"),
+        None,
+        True,
+    ),
+    ("websocket", "idle session KB", ("idle", "kb_per_session"), 30, True),
+    ("websocket", "handshake added ms", ("handshake", "added_median_ms"), 1.0, True),
     ("non-stream", "direct req/s", ("direct", "rate"), None, False),
     ("non-stream", "direct p50 / p99 ms", ("direct", "p50_ms"), None, True),
     ("non-stream", "proxy req/s", ("proxy", "rate"), None, False),

@@ -16,6 +16,7 @@ from typing import Any
 
 from benchmarks import probes, procs, streams
 from benchmarks.limits import limits, limits_instructions
+from benchmarks.websocket import websocket
 from benchmarks.wrk import CHAT, CHAT_STREAM, run_wrk
 
 #: Events per streamed reply from the fake upstream, plus "data: [DONE]".
@@ -319,4 +320,5 @@ SCENARIOS: dict[str, Callable[[Harness], dict[str, Any]]] = {
     "moderated-stream": moderated_stream,
     "limits": limits,
     "limits-callgrind": limits_instructions,
+    "websocket": websocket,
 }

@@ -10,8 +10,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectingCancelledError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory
@@ -73,9 +79,15 @@ def _endpoint(
     C{host}:C{port}, TLS with C{server_name} checked when C{tls}.  (An
     egress proxy would replace the plain endpoint here.)
     """
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(
-        reactor, host, port, timeout=timeout
-    )
+    endpoint: IStreamClientEndpoint
+    # An address needs no lookup: HostnameEndpoint would still send it
+    # through the resolver's thread pool, adding a thread hop per session.
+    if isIPAddress(host):
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    elif isIPv6Address(host):
+        endpoint = TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    else:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if tls:
         creator = policy.creatorForNetloc(server_name.encode("idna"), port)
         endpoint = wrapClientTLS(creator, endpoint)
@@ -94,8 +106,13 @@ class _Handshake(TwistedProtocol):
         self._body = bytearray()
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(self._handshake.send(self._request))
+        transport: Any = self.transport
+        assert transport is not None
+        # Each relayed message is one write: send it now, not after an ACK.
+        tcp = getattr(transport, "transport", transport)  # under TLS
+        if hasattr(tcp, "setTcpNoDelay"):
+            tcp.setTcpNoDelay(True)
+        transport.write(self._handshake.send(self._request))
 
     def dataReceived(self, data: bytes) -> None:
         if self._next is not None:

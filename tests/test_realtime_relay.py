@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -623,3 +625,70 @@ class KeepAliveTests(RealtimeTestCase):
         self.assertIn(b"\x89\x00", received)  # the proxy's pings
         await until(lambda: len(self.fake.closes) == 1)
         self.assertEqual(self.fake.closes[0].code, 1001)
+
+
+#: Where the Node SDK is installed once (npm install is the slow part).
+NODE_SDK = os.path.join(tempfile.gettempdir(), "openai-proxy-node-sdk")
+NODE_SCRIPT = os.path.join(os.path.dirname(__file__), "node_realtime.js")
+
+
+def _node_sdk() -> str | None:
+    """Install openai and ws for Node once; the reason to skip, or None."""
+    if not shutil.which("node") or not shutil.which("npm"):
+        return "node and npm are not installed"
+    if os.path.isdir(os.path.join(NODE_SDK, "node_modules", "openai", "realtime")):
+        return None
+    os.makedirs(NODE_SDK, exist_ok=True)
+    run = subprocess.run(
+        [
+            "npm",
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+            NODE_SDK,
+            "openai",
+            "ws",
+        ],
+        capture_output=True,
+        timeout=300,
+    )
+    if run.returncode != 0:
+        return "npm install openai ws failed: " + run.stderr.decode()[-300:]
+    return None
+
+
+class NodeSDKTests(RealtimeTestCase):
+    async def test_the_node_sdk_holds_a_session_over_a_tls_listen(self) -> None:
+        skip = await deferToThread(_node_sdk)
+        if skip is not None:
+            raise SkipTest(skip)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        certs = make_certs(directory)
+        description = (
+            f"ssl:0:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}"
+        )
+        port = await serverFromString(reactor, description).listen(self.proxy.app.site)
+        self.addCleanup(port.stopListening)
+        env = {
+            **os.environ,
+            "NODE_PATH": os.path.join(NODE_SDK, "node_modules"),
+            "BASE": f"https://localhost:{port.getHost().port}/v1",
+            "CA": certs.ca,
+            "KEY": KEY,
+        }
+
+        def run() -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                ["node", NODE_SCRIPT], env=env, capture_output=True, timeout=30
+            )
+
+        done = await deferToThread(run)
+        self.assertEqual(done.returncode, 0, done.stderr.decode())
+        kinds = json.loads(done.stdout)
+        self.assertIn("response.output_text.delta", kinds)
+        self.assertEqual(kinds[-1], "response.done")
+        self.assertEqual(
+            self.fake.handshakes[0].path, "/v1/realtime?model=gpt-realtime"
+        )

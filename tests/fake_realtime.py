@@ -207,6 +207,8 @@ class FakeRealtime:
             await ws.close(event["code"], event.get("reason", ""))
         elif kind == "fake.big":
             await ws.send("x" * event["size"])
+        elif kind == "fake.say":
+            await ws.send(json.dumps(event["event"]))
         elif kind == "fake.flood":
             for _ in range(event["count"]):
                 await ws.send("y" * event["size"])

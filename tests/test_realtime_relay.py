@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
@@ -478,6 +479,30 @@ class NamedKeyTests(RealtimeTestCase):
         self.assertEqual(code, 1008)
         self.assertEqual(len(self.fake.events("response.create")), 1)
 
+    async def test_responses_over_websocket_is_relayed_and_its_usage_charged(
+        self,
+    ) -> None:
+        completed = {
+            "type": "response.completed",
+            "response": {
+                "id": "resp_1",
+                "usage": {"input_tokens": 7, "output_tokens": 5},
+            },
+        }
+
+        def run() -> dict[str, Any]:
+            with self.open("/v1/responses", headers=BOB) as ws:
+                events_until(ws, "session.created")
+                ws.send(json.dumps({"type": "fake.say", "event": completed}))
+                return events_until(ws, "response.completed")[-1]
+
+        self.assertEqual(await deferToThread(run), completed)
+        self.assertEqual(self.fake.handshakes[0].path, "/v1/responses")
+        await until(lambda: self.proxy.app.accounting.unsettled == 0)
+        report = await self.proxy.app.limiter.report(time.time(), ["bob"])
+        self.assertEqual(report.today["bob"]["prompt_tokens"], 7)
+        self.assertEqual(report.today["bob"]["completion_tokens"], 5)
+
 
 class OperationsTests(RealtimeTestCase):
     env = {"GRACE": "0.2"}
@@ -692,3 +717,40 @@ class NodeSDKTests(RealtimeTestCase):
         self.assertEqual(
             self.fake.handshakes[0].path, "/v1/realtime?model=gpt-realtime"
         )
+
+
+class SendTimeoutTests(RealtimeTestCase):
+    env = {"SEND_TIMEOUT": "300"}
+
+    async def test_a_client_that_takes_nothing_for_send_timeout_is_closed(self) -> None:
+        def run() -> ClientConnection:
+            ws = self.open()
+            events_until(ws, "session.created")
+            ws.send(json.dumps({"type": "fake.flood", "count": 1000, "size": 65536}))
+            return ws
+
+        ws = await deferToThread(run)
+        self.addCleanup(ws.close)
+        await until(lambda: len(self.fake.closes) == 1)
+        self.assertEqual(self.fake.closes[0].code, 1008)
+        await until(lambda: not self.proxy.app.resource._realtime.sessions)
+
+
+class SlowUpstreamTests(TestCase):
+    async def test_an_upstream_that_never_answers_the_handshake_gets_504(self) -> None:
+        silent = reactor.listenTCP(
+            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(silent.stopListening)
+        upstream = f"http://127.0.0.1:{silent.getHost().port}"
+        proxy = Proxy(self, {"UPSTREAM": upstream, "TIMEOUT": "200"})
+        url = proxy.url.replace("http://", "ws://") + "/v1/realtime"
+
+        def run() -> int:
+            try:
+                connect(url, additional_headers={"Authorization": f"Bearer {KEY}"})
+            except InvalidStatus as e:
+                return e.response.status_code
+            raise AssertionError("accepted")
+
+        self.assertEqual(await deferToThread(run), 504)

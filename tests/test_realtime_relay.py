@@ -331,14 +331,14 @@ class FrameTests(RealtimeTestCase):
 
     async def test_a_client_that_stops_reading_pauses_the_upstream(self) -> None:
         def run() -> ClientConnection:
-            ws = self.open()
+            ws = self.open(close_timeout=0.1)  # it will never read the answer
             events_until(ws, "session.created")
             # Ask for ~64 MB the client will not read.
             ws.send(json.dumps({"type": "fake.flood", "count": 1000, "size": 65536}))
             return ws
 
         ws = await deferToThread(run)
-        self.addCleanup(ws.close)
+        self.addCleanup(deferToThread, ws.close)
         await until(lambda: self.fake.flooded > 10)
         await deferLater(reactor, 0.3, lambda: None)
         transport = self.session().client.transport
@@ -566,7 +566,7 @@ class OperationsTests(RealtimeTestCase):
             return ws
 
         ws = await deferToThread(run)
-        self.addCleanup(ws.close)
+        self.addCleanup(deferToThread, ws.close)
         started = time.monotonic()
         stopping = self.proxy.app.drain.stopService()
         self.assertEqual(self.proxy.app.resource._realtime.sessions[0].close_code, None)
@@ -730,7 +730,7 @@ class SendTimeoutTests(RealtimeTestCase):
             return ws
 
         ws = await deferToThread(run)
-        self.addCleanup(ws.close)
+        self.addCleanup(deferToThread, ws.close)
         await until(lambda: len(self.fake.closes) == 1)
         self.assertEqual(self.fake.closes[0].code, 1008)
         await until(lambda: not self.proxy.app.resource._realtime.sessions)

@@ -231,10 +231,14 @@ class Session:
         C{send_timeout} seconds: end the session (1008 for a client that
         stopped reading, 1011 for an upstream).
         """
+        stuck = self._other(paused)
         if paused is self.upstream:
             self.close(self.client, POLICY, "client stopped reading")
         else:
             self.close(self.client, UPSTREAM_FAILED, "upstream stopped reading")
+        # Its close frame sits behind what it did not read: no answer will
+        # come, so the connection is dropped now rather than after CLOSE_WAIT.
+        stuck.abort()
 
     def _send(self, wire: Wire, message: Message) -> None:
         wire.send(message)

@@ -6,7 +6,7 @@ hop ready to relay, or its refusal as an HTTP status, headers and body.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -25,24 +25,25 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
-from wsproto import ConnectionType
-from wsproto.connection import Connection
-from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
-from wsproto.handshake import H11Handshake
-from wsproto.utilities import RemoteProtocolError
-
-#: Of a refusal's body, at most this much is kept for the client.
-_MAX_REFUSAL_BODY = 1_048_576
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 Headers = list[tuple[bytes, bytes]]
 
 
 class Accepted(NamedTuple):
-    """The upstream accepted: C{attach} hands the connection to a protocol."""
+    """
+    The upstream accepted: C{websocket} is the open protocol, C{pending}
+    the frames that came with its answer.
+    """
 
     subprotocol: str | None
     headers: Headers
-    attach: Callable[[TwistedProtocol], None]
+    websocket: ClientProtocol
+    pending: list[Any]
 
 
 class Refused(NamedTuple):
@@ -94,25 +95,26 @@ def _endpoint(
     return endpoint
 
 
+def _pairs(headers: Any) -> Headers:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.raw_items()]
+
+
 class _Handshake(TwistedProtocol):
     """Sends the handshake; then hands every byte to the protocol attached."""
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, websocket: ClientProtocol) -> None:
         self.answer: Deferred[Accepted | Refused] = Deferred()
-        self._request = request
-        self._handshake = H11Handshake(ConnectionType.CLIENT)
+        self.websocket = websocket
         self._next: TwistedProtocol | None = None
-        self._refusal: RejectConnection | None = None
-        self._body = bytearray()
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
-        assert transport is not None
         # Each relayed message is one write: send it now, not after an ACK.
         tcp = getattr(transport, "transport", transport)  # under TLS
         if hasattr(tcp, "setTcpNoDelay"):
             tcp.setTcpNoDelay(True)
-        transport.write(self._handshake.send(self._request))
+        for data in self.websocket.data_to_send():
+            transport.write(data)
 
     def dataReceived(self, data: bytes) -> None:
         if self._next is not None:
@@ -120,122 +122,56 @@ class _Handshake(TwistedProtocol):
             return
         if self.answer.called:
             return
-        try:
-            self._handshake.receive_data(data)
-            for event in self._handshake.events():
-                if isinstance(event, AcceptConnection):
-                    self._accepted(event)
-                    return
-                if isinstance(event, RejectConnection):
-                    self._refusal = event
-                    if not event.has_body:
-                        self._refused()
-                        return
-                elif isinstance(event, RejectData):
-                    if len(self._body) < _MAX_REFUSAL_BODY:
-                        self._body += event.data
-                    if event.body_finished:
-                        self._refused()
-                        return
-        except RemoteProtocolError as e:
-            self._fail(DialFailed("reset", f"bad handshake answer: {e}"))
+        self.websocket.receive_data(data)
+        self._check()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._next is not None:
             self._next.connectionLost(reason)  # type: ignore[arg-type]
-        elif self._refusal is not None and not self.answer.called:
-            self._refused()  # a body that ended with the connection
-        else:
-            self._fail(DialFailed("reset", "the upstream closed the connection"))
+            return
+        if not self.answer.called:
+            self.websocket.receive_eof()  # a body that ends with the connection
+            self._check()
+        self._fail(DialFailed("reset", "the upstream closed the connection"))
 
-    def connection(self) -> Connection:
-        """The WebSocket connection the accepted handshake made."""
-        connection = self._handshake.connection
-        assert connection is not None
-        return connection
-
-    def _accepted(self, event: AcceptConnection) -> None:
-        self.answer.callback(
-            Accepted(event.subprotocol, list(event.extra_headers), self._attach)
-        )
-
-    def _attach(self, protocol: TwistedProtocol) -> None:
+    def attach(self, protocol: TwistedProtocol) -> None:
+        """Hand the connection (and what comes next on it) to C{protocol}."""
         self._next = protocol
         assert self.transport is not None
         protocol.makeConnection(self.transport)
 
-    def _refused(self) -> None:
-        refusal = self._refusal
-        assert refusal is not None
-        if self.transport is not None:
-            self.transport.loseConnection()
-        self.answer.callback(
-            Refused(refusal.status_code, list(refusal.headers), bytes(self._body))
-        )
+    def _check(self) -> None:
+        ws = self.websocket
+        events = ws.events_received()
+        response = next((e for e in events if isinstance(e, Response)), None)
+        if ws.state is State.OPEN and response is not None:
+            rest = [e for e in events if e is not response]
+            self.answer.callback(
+                Accepted(ws.subprotocol, _pairs(response.headers), ws, rest)
+            )
+            return
+        failed = ws.handshake_exc
+        if failed is None:
+            return  # more of the answer to come
+        if isinstance(failed, InvalidStatus):
+            refusal = failed.response
+            if self.transport is not None:
+                self.transport.loseConnection()
+            self.answer.callback(
+                Refused(
+                    refusal.status_code,
+                    _pairs(refusal.headers),
+                    bytes(refusal.body or b""),
+                )
+            )
+            return
+        self._fail(DialFailed("reset", f"bad handshake answer: {failed}"))
 
     def _fail(self, error: DialFailed) -> None:
         if not self.answer.called:
             self.answer.errback(Failure(error))
             if self.transport is not None:
                 self.transport.loseConnection()
-
-
-class Dialled(NamedTuple):
-    """An upstream answer, with the handshake that got it (to take its connection)."""
-
-    answer: Accepted | Refused
-    connection: Callable[[], Connection]
-    abort: Callable[[], None]
-
-
-async def dial(
-    reactor: Any,
-    url: str,
-    headers: Sequence[tuple[bytes, bytes]],
-    subprotocols: Sequence[str],
-    timeout: float,
-    policy: IPolicyForHTTPS | None = None,
-) -> Dialled:
-    """
-    Open a WebSocket to C{url} (C{ws://} or C{wss://}, path and query),
-    sending C{headers} and offering C{subprotocols}; no extensions (no
-    permessage-deflate).  The connection and the answer's head must come
-    within C{timeout} seconds.
-
-    @raise DialFailed: no answer.
-    """
-    parts = urlsplit(url)
-    tls = parts.scheme == "wss"
-    host = parts.hostname or ""
-    port = parts.port or (443 if tls else 80)
-    target = parts.path or "/"
-    if parts.query:
-        target += "?" + parts.query
-    request = Request(
-        host=parts.netloc,
-        target=target,
-        extra_headers=list(headers),
-        subprotocols=list(subprotocols),
-    )
-    handshake = _Handshake(request)
-    endpoint = _endpoint(
-        reactor, host, port, tls, host, timeout, policy or BrowserLikePolicyForHTTPS()
-    )
-    factory = _OneShot(handshake)
-    connecting = endpoint.connect(factory)
-    timer: IDelayedCall = reactor.callLater(timeout, _give_up, connecting, handshake)
-    try:
-        try:
-            await connecting
-        except (CancelledError, ConnectingCancelledError, TimeoutError) as e:
-            raise DialFailed("timeout", "the upstream did not answer in time") from e
-        except Exception as e:
-            raise DialFailed("unreachable", str(e)) from e
-        answer = await handshake.answer
-    finally:
-        if timer.active():
-            timer.cancel()
-    return Dialled(answer, handshake.connection, lambda: _abort(handshake))
 
 
 class _OneShot(ClientFactory):
@@ -250,14 +186,71 @@ class _OneShot(ClientFactory):
         return self._protocol
 
 
+class Dialled(NamedTuple):
+    """An upstream answer, and the connection it came on."""
+
+    answer: Accepted | Refused
+    handshake: _Handshake
+
+    def abort(self) -> None:
+        """Drop the connection (its client left meanwhile)."""
+        transport: Any = self.handshake.transport
+        if transport is not None:
+            transport.abortConnection()
+
+
+async def dial(
+    reactor: Any,
+    url: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    subprotocols: Sequence[str],
+    timeout: float,
+    max_message: int,
+    policy: IPolicyForHTTPS | None = None,
+) -> Dialled:
+    """
+    Open a WebSocket to C{url} (C{ws://} or C{wss://}, path and query),
+    sending C{headers} and offering C{subprotocols}; no extensions (no
+    permessage-deflate).  The connection and the answer's head must come
+    within C{timeout} seconds.
+
+    @raise DialFailed: no answer.
+    """
+    parts = urlsplit(url)
+    tls = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if tls else 80)
+    websocket = ClientProtocol(
+        parse_uri(url),
+        subprotocols=list(subprotocols) or None,  # type: ignore[arg-type]
+        max_size=max_message,
+    )
+    request = websocket.connect()
+    for name, value in headers:
+        request.headers[name.decode("latin-1")] = value.decode("latin-1")
+    websocket.send_request(request)
+    handshake = _Handshake(websocket)
+    endpoint = _endpoint(
+        reactor, host, port, tls, host, timeout, policy or BrowserLikePolicyForHTTPS()
+    )
+    connecting = endpoint.connect(_OneShot(handshake))
+    timer: IDelayedCall = reactor.callLater(timeout, _give_up, connecting, handshake)
+    try:
+        try:
+            await connecting
+        except (CancelledError, ConnectingCancelledError, TimeoutError) as e:
+            raise DialFailed("timeout", "the upstream did not answer in time") from e
+        except Exception as e:
+            raise DialFailed("unreachable", str(e)) from e
+        answer = await handshake.answer
+    finally:
+        if timer.active():
+            timer.cancel()
+    return Dialled(answer, handshake)
+
+
 def _give_up(connecting: Deferred[Any], handshake: _Handshake) -> None:
     if not connecting.called:
         connecting.cancel()
     elif not handshake.answer.called:
         handshake._fail(DialFailed("timeout", "no handshake answer in time"))
-
-
-def _abort(handshake: _Handshake) -> None:
-    transport: Any = handshake.transport
-    if transport is not None:
-        transport.abortConnection()

@@ -20,11 +20,11 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.server import NOT_DONE_YET, Request
-from wsproto import ConnectionType
-from wsproto.events import AcceptConnection
-from wsproto.events import Request as WSRequest
-from wsproto.handshake import H11Handshake
-from wsproto.utilities import ProtocolError
+from websockets.datastructures import Headers as WSHeaders
+from websockets.http11 import Request as WSRequest
+from websockets.protocol import Protocol as WebSocket
+from websockets.protocol import Side, State
+from websockets.server import ServerProtocol
 
 from openai_proxy.http.errors import ProxyError, write_error
 from openai_proxy.http.headers import REQUEST_DROPPED, RESPONSE_DROPPED, filtered
@@ -32,7 +32,7 @@ from openai_proxy.http.upgrade import KEY_PROTOCOL, authorization_of, subprotoco
 from openai_proxy.keys.accounting import Account, Accounting
 from openai_proxy.keys.allowlist import check_path, check_query
 from openai_proxy.keys.auth import Grant, KeyPolicy
-from openai_proxy.realtime.dial import Accepted, DialFailed, Refused, dial
+from openai_proxy.realtime.dial import Accepted, DialFailed, Dialled, Refused, dial
 from openai_proxy.realtime.limits import KeyLimits
 from openai_proxy.realtime.session import FilterFactory, Session, SessionObserver
 from openai_proxy.realtime.wire import Wire
@@ -294,6 +294,7 @@ class RealtimeRelay:
                     headers,
                     offered_upstream,
                     self._timeout,
+                    self._max_message,
                     self._policy,
                 )
             except DialFailed as e:
@@ -326,7 +327,7 @@ class RealtimeRelay:
             request,
             handshake,
             answer,
-            dialled.connection(),
+            dialled,
             chain,
             account,
             grant,
@@ -338,33 +339,35 @@ class RealtimeRelay:
     def _upgrade(
         self,
         request: Request,
-        handshake: H11Handshake,
+        handshake: WSRequest,
         answer: Accepted,
-        upstream_connection: Any,
+        dialled: Dialled,
         chain: list[FilterFactory],
         account: Account | None,
         grant: Grant,
         request_id: str,
         upstream_host: str | None,
     ) -> None:
-        back = [
-            (name, value)
-            for name, values in filtered(_as_headers(answer.headers), _ACCEPT_DROPPED)
-            for value in values
-        ]
-        back.append((b"x-proxy-request-id", request_id.encode("ascii")))
-        head = handshake.send(
-            AcceptConnection(subprotocol=answer.subprotocol, extra_headers=back)
+        chosen = answer.subprotocol
+        server = ServerProtocol(
+            select_subprotocol=lambda _, offered: chosen,  # type: ignore[arg-type,return-value]
         )
-        client_connection = handshake.connection
-        assert client_connection is not None
-        options = {
-            "max_message": self._max_message,
-            "ping_interval": self._ping_interval,
-        }
-        client = Wire(client_connection, self._reactor, client=False, **options)  # type: ignore[arg-type]
-        upstream = Wire(upstream_connection, self._reactor, client=True, **options)  # type: ignore[arg-type]
-        answer.attach(upstream)
+        response = server.accept(handshake)
+        for name, values in filtered(_as_headers(answer.headers), _ACCEPT_DROPPED):
+            for value in values:
+                response.headers[name.decode("latin-1")] = value.decode("latin-1")
+        response.headers["X-Proxy-Request-Id"] = request_id
+        server.send_response(response)
+        head = b"".join(server.data_to_send())
+        # The handshake's protocol still waits for a request line it was
+        # never fed (the request came through twisted.web): frames are read
+        # by a protocol opened as such.
+        framing = WebSocket(Side.SERVER, state=State.OPEN, max_size=self._max_message)
+        client = Wire(framing, self._reactor, ping_interval=self._ping_interval)
+        upstream = Wire(
+            answer.websocket, self._reactor, ping_interval=self._ping_interval
+        )
+        dialled.handshake.attach(upstream)
         channel: Any = request.channel
         early: bytes = channel.hand_over(client, head)
         session = Session(
@@ -389,7 +392,8 @@ class RealtimeRelay:
         if self._track is not None:
             self._track(session)
         # What either side sent right behind its handshake.
-        upstream.dataReceived(b"")
+        upstream.start(answer.pending)
+        client.start()
         if early:
             client.dataReceived(early)
 
@@ -460,28 +464,23 @@ def _as_headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
     return headers
 
 
-def _client_handshake(request: Request) -> tuple[H11Handshake, list[str]]:
+def _client_handshake(request: Request) -> tuple[WSRequest, list[str]]:
     """
     The client's handshake, checked (RFC 6455 section 4.2.1), and the
     subprotocols it offers.
 
     @raise ProxyError: 400 for a request that is not a valid handshake.
     """
-    if request.clientproto != b"HTTP/1.1":
-        raise _bad_handshake("WebSockets need HTTP/1.1")
-    handshake = H11Handshake(ConnectionType.SERVER)
-    pairs = [
-        (name, value)
-        for name, values in request.requestHeaders.getAllRawHeaders()
-        for value in values
-    ]
-    try:
-        handshake.initiate_upgrade_connection(pairs, request.uri)
-        events = list(handshake.events())
-    except ProtocolError as e:
-        raise _bad_handshake(str(e)) from None
-    if request.method != b"GET" or not events or not isinstance(events[0], WSRequest):
-        raise _bad_handshake("expected a GET with Upgrade: websocket")
+    if request.clientproto != b"HTTP/1.1" or request.method != b"GET":
+        raise _bad_handshake("expected a GET over HTTP/1.1")
+    headers = WSHeaders()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        for value in values:
+            headers[name.decode("latin-1")] = value.decode("latin-1")
+    handshake = WSRequest(request.uri.decode("latin-1"), headers)
+    checker = ServerProtocol()
+    if checker.accept(handshake).status_code != 101:
+        raise _bad_handshake(str(checker.handshake_exc))
     return handshake, subprotocols(request.requestHeaders)
 
 

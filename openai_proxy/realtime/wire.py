@@ -1,22 +1,25 @@
 """
 One hop of a session: a WebSocket connection over a Twisted transport,
-read with wsproto and written with L{frames}.  It joins fragments into
-L{Message}s (refusing one over the size limit with 1009), answers pings
-itself, pings a peer that has gone quiet and drops one that stays silent,
-and can stop and start reading for backpressure.
+framed by the C{websockets} package's sans-I/O protocol (masking in C, text
+kept as the bytes that came).  It joins fragments into L{Message}s (one over
+the size limit closes with 1009), answers pings and close frames itself,
+pings a peer that has gone quiet and drops one that stays silent, and can
+stop and start reading for backpressure.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
-from wsproto.connection import Connection
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Protocol as WebSocket
+from websockets.protocol import State
 
-from openai_proxy.realtime import frames
 from openai_proxy.realtime.filters import Message
 
 #: Seconds to wait for the peer's answer to our close frame before the
@@ -32,6 +35,16 @@ TOO_BIG = 1009
 UPSTREAM_FAILED = 1011
 TRY_AGAIN = 1013
 
+#: Close codes that name a state and are never sent in a close frame.
+_NOT_SENDABLE = frozenset({1004, 1005, 1006, 1015})
+
+
+def sendable(code: int | None) -> int | None:
+    """The code to put in a close frame for C{code} (L{None}: a close without one)."""
+    if code is None or code in _NOT_SENDABLE or not 1000 <= code <= 4999:
+        return None
+    return code
+
 
 class WireHandler(Protocol):
     """What a L{Wire} tells its session."""
@@ -40,10 +53,10 @@ class WireHandler(Protocol):
         """A complete message came in."""
 
     def peer_closed(self, wire: Wire, code: int | None, reason: str) -> None:
-        """The peer sent a close frame (C{code} L{None} when it had none)."""
+        """The peer sent a close frame (or broke the protocol: its code)."""
 
     def too_big(self, wire: Wire) -> None:
-        """The peer sent a message over the limit (the wire closes with 1009)."""
+        """The peer sent a message over the limit (closed with 1009)."""
 
     def lost(self, wire: Wire) -> None:
         """The connection is gone (after a close, or without one)."""
@@ -51,12 +64,13 @@ class WireHandler(Protocol):
 
 class Wire(TwistedProtocol):
     """
-    One WebSocket connection.  Give it a C{handler} before data arrives.
+    One WebSocket connection, open (its handshake done).  Give it a
+    C{handler}, then L{start} it.
 
-    @param client: the proxy is the client on this hop (frames are masked).
-    @param max_message: the largest message accepted, in bytes.
+    @param websocket: the sans-I/O protocol, in state OPEN, its size limit set.
     @param ping_interval: seconds between keep-alive pings (L{None}: none);
-        a peer that sent nothing at all for two intervals is dropped.
+        a peer that sent nothing at all for a whole interval after a ping is
+        dropped.
     """
 
     handler: WireHandler
@@ -68,22 +82,17 @@ class Wire(TwistedProtocol):
 
     def __init__(
         self,
-        connection: Connection,
+        websocket: WebSocket,
         clock: IReactorTime,
         *,
-        client: bool,
-        max_message: int,
         ping_interval: float | None,
     ) -> None:
-        self._connection = connection
+        self._ws = websocket
         self._clock = clock
-        self._mask = client
-        self._max = max_message
         self._parts: list[bytes] = []
-        self._size = 0
         self._text = False
         self._paused = 0
-        self._closing = False  # a close frame was sent
+        self._closing = False  # the proxy sent a close frame
         self._peer_closed = False
         self._gone = False
         self._close_timer: IDelayedCall | None = None
@@ -91,32 +100,25 @@ class Wire(TwistedProtocol):
         self._ping_timer: IDelayedCall | None = None
         self._heard = True
 
-    # -- Twisted --------------------------------------------------------
-
-    def connectionMade(self) -> None:
+    def start(self, pending: Sequence[Any] = ()) -> None:
+        """
+        Start relaying: frames already parsed with the handshake first,
+        then pings.
+        """
+        self._events(list(pending))
+        self._flush()
         self._schedule_ping()
+
+    # -- Twisted --------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         self._heard = True
-        if self._peer_closed or self._gone:
+        if self._gone:
             return
-        connection = self._connection
-        connection.receive_data(data)
-        for event in connection.events():
-            if isinstance(event, (TextMessage, BytesMessage)):
-                self._part(event)
-            elif isinstance(event, Ping):
-                self._write(
-                    frames.frame(frames.PONG, bytes(event.payload), mask=self._mask)
-                )
-            elif isinstance(event, CloseConnection):
-                self._peer_closed = True
-                if self.close_code is None:
-                    self.close_code = event.code
-                self.handler.peer_closed(self, event.code, event.reason or "")
-                return
-            if self._gone or self._closing:
-                return
+        ws = self._ws
+        ws.receive_data(data)
+        self._events(ws.events_received())
+        self._flush()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._gone:
@@ -133,28 +135,41 @@ class Wire(TwistedProtocol):
     # -- what the session does ------------------------------------------
 
     def send(self, message: Message) -> None:
-        """Send one message (dropped once the session is closing)."""
-        if self._closing or self._gone:
+        """Send one message (dropped once the hop is closing)."""
+        if self._gone or self._ws.state is not State.OPEN:
             return
-        opcode = frames.TEXT if message.text else frames.BINARY
-        self._write(frames.frame(opcode, message.data, mask=self._mask))
+        if message.text:
+            self._ws.send_text(message.data)
+        else:
+            self._ws.send_binary(message.data)
+        self._flush()
 
     def close(self, code: int | None, reason: str) -> None:
         """
-        Close this hop with C{code}: send a close frame (once), then drop the
-        connection when the peer answers it, at once if the peer closed
-        first, or after L{CLOSE_WAIT} seconds.
+        Close this hop with C{code}: send a close frame (once, unless the
+        close handshake already happened), then drop the connection when the
+        peer answers it, soon after if the peer closed first, or after
+        L{CLOSE_WAIT} seconds.
         """
         if self._gone:
             return
-        if not self._closing:
+        ws = self._ws
+        if not self._closing and ws.state is State.OPEN:
             self._closing = True
             if self.close_code is None:
                 self.close_code = code
-            self._write(frames.close_frame(code, reason, mask=self._mask))
-        transport = self.transport
-        assert transport is not None
-        if self._peer_closed:
+            code = sendable(code)
+            if code is None:
+                ws.send_close()
+            else:
+                ws.send_close(
+                    code, reason.encode("utf-8")[:123].decode("utf-8", "ignore")
+                )
+            self._flush()
+        self._closing = True
+        self._flush()  # a close answered by the protocol itself, say
+        transport: Any = self.transport
+        if self._peer_closed or ws.state is State.CLOSED:
             transport.loseConnection()
             if self._close_timer is None:
                 # Over TLS, loseConnection waits for the peer's close_notify,
@@ -191,30 +206,63 @@ class Wire(TwistedProtocol):
         if self.transport is not None and not self._gone:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
-    def _write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None and not self._gone:
-            transport.write(data)
+    def _flush(self) -> None:
+        transport: Any = self.transport
+        for data in self._ws.data_to_send():
+            if self._gone:
+                return
+            if data:
+                transport.write(data)
+            # An empty chunk is the protocol asking for the TCP close: the
+            # session decides when (close), after telling the other hop.
 
-    def _part(self, event: TextMessage | BytesMessage) -> None:
-        data = event.data
-        chunk = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-        self._size += len(chunk)
-        if self._size > self._max:
-            self._parts = []
-            self.handler.too_big(self)
+    def _events(self, events: list[Any]) -> None:
+        for frame in events:
+            if self._gone:
+                return
+            if not isinstance(frame, Frame):
+                continue
+            opcode = frame.opcode
+            if (
+                opcode is Opcode.TEXT
+                or opcode is Opcode.BINARY
+                or opcode is Opcode.CONT
+            ):
+                self._part(frame, opcode)
+            elif opcode is Opcode.CLOSE:
+                self._peer_closed = True
+                rcvd = self._ws.close_rcvd
+                code = rcvd.code if rcvd is not None else None
+                if self.close_code is None:
+                    self.close_code = code
+                self.handler.peer_closed(self, code, rcvd.reason if rcvd else "")
+                return
+        failed = self._ws.parser_exc
+        if failed is not None and not self._closing and not self._peer_closed:
+            # The protocol closed this hop itself: no answer is waited for.
+            self._closing = self._peer_closed = True
+            if isinstance(failed, PayloadTooBig):
+                self.close_code = TOO_BIG
+                self.handler.too_big(self)
+            else:
+                sent = self._ws.close_sent
+                self.close_code = sent.code if sent is not None else PROTOCOL_ERROR
+                self.handler.peer_closed(self, self.close_code, str(failed))
+
+    def _part(self, frame: Frame, opcode: Opcode) -> None:
+        data = bytes(frame.data)
+        if opcode is not Opcode.CONT:
+            self._text = opcode is Opcode.TEXT
+            if frame.fin:
+                self._deliver(Message(data, self._text))
+                return
+            self._parts = [data]
             return
-        if event.message_finished and not self._parts:
-            # The common case: a message in one read, nothing to join.
-            self._size = 0
-            self._deliver(Message(chunk, isinstance(data, str)))
-            return
-        self._parts.append(chunk)
-        if event.message_finished:
+        self._parts.append(data)
+        if frame.fin:
             joined = b"".join(self._parts)
             self._parts = []
-            self._size = 0
-            self._deliver(Message(joined, isinstance(data, str)))
+            self._deliver(Message(joined, self._text))
 
     def _deliver(self, message: Message) -> None:
         self.messages += 1
@@ -234,5 +282,6 @@ class Wire(TwistedProtocol):
             self.abort()
             return
         self._heard = False
-        self._write(frames.frame(frames.PING, b"", mask=self._mask))
+        self._ws.send_ping(b"")
+        self._flush()
         self._schedule_ping()

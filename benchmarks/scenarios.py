@@ -18,6 +18,7 @@ from typing import Any
 
 from benchmarks import probes, procs, streams
 from benchmarks.limits import limits, limits_instructions
+from benchmarks.websocket import websocket
 from benchmarks.wrk import CHAT, CHAT_STREAM, run_wrk
 
 #: Events per streamed reply from the fake upstream, plus "data: [DONE]".
@@ -486,4 +487,5 @@ SCENARIOS: dict[str, Callable[[Harness], dict[str, Any]]] = {
     "limits-callgrind": limits_instructions,
     "by-model": by_model,
     "egress": egress,
+    "websocket": websocket,
 }

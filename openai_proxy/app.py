@@ -26,6 +26,7 @@ from openai_proxy.keys.named import KeyRegistry
 from openai_proxy.keys.quotas import QuotaCalendar
 from openai_proxy.moderation import Moderation
 from openai_proxy.ops.drain import DrainService, Readiness
+from openai_proxy.realtime.moderate import moderation_hook
 from openai_proxy.resource import ProxyResource
 from openai_proxy.telemetry import logs
 from openai_proxy.telemetry.metrics import Metrics
@@ -147,6 +148,9 @@ class ProxyApp(Service):
             usage_page=usage_page,
             upstreams=self.upstreams,
             client_for=self.upstream_client,
+            realtime_moderation=moderation_hook(
+                self.moderation, self.metrics.stream_blocked
+            ),
             store_up=None if self.store is None else self.store.is_up,
             deny_without_store=config.limits_on_error == "deny",
         )

@@ -121,6 +121,10 @@ class Config:
     #: description cannot be shared, rather than a refusal to start).
     workers_auto: bool = False
     grace: float = 30.0
+    #: Seconds between the keep-alive pings on each hop of a WebSocket session.
+    ws_ping_interval: float = 30.0
+    #: The largest WebSocket message relayed, in bytes (audio is base64).
+    ws_max_message: int = 16_777_216
     log_format: str = "text"
     log_bodies: bool = False
     metrics_listen: str | None = None
@@ -213,6 +217,19 @@ class Config:
             ),
             **_workers_settings(source("workers", "WORKERS")),
             grace=parse_positive("--grace/GRACE", source("grace", "GRACE"), cls.grace),
+            ws_ping_interval=parse_positive(
+                "--ws-ping-interval/WS_PING_INTERVAL",
+                source("ws-ping-interval", "WS_PING_INTERVAL"),
+                cls.ws_ping_interval,
+            ),
+            ws_max_message=int(
+                parse_positive(
+                    "--ws-max-message/WS_MAX_MESSAGE",
+                    source("ws-max-message", "WS_MAX_MESSAGE"),
+                    cls.ws_max_message,
+                    integer=True,
+                )
+            ),
             log_format=parse_choice(
                 "--log-format/LOG_FORMAT",
                 source("log-format", "LOG_FORMAT"),

@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -23,17 +24,19 @@ from openai_proxy.forward import Forwarder
 from openai_proxy.http import errors
 from openai_proxy.http.cors import CORS
 from openai_proxy.http.errors import ProxyError, write_error
+from openai_proxy.http.upgrade import wants_websocket
 from openai_proxy.keys.accounting import Accounting
 from openai_proxy.keys.allowlist import check_path
 from openai_proxy.keys.auth import Grant, KeyPolicy
 from openai_proxy.moderation import Moderation
 from openai_proxy.ops.drain import DrainService, Readiness
+from openai_proxy.realtime.relay import ModerationHook, RealtimeRelay
 from openai_proxy.telemetry.access import log_request
 from openai_proxy.telemetry.logs import new_request_id
 from openai_proxy.telemetry.metrics import Metrics, route_family
 from openai_proxy.upstream.channels import Upstream
 from openai_proxy.upstream.choose import UpstreamRegistry
-from openai_proxy.upstream.client import RelayClient
+from openai_proxy.upstream.client import RelayClient, Upstreams
 
 _log = Logger()
 
@@ -69,6 +72,8 @@ class ProxyResource(Resource):
         client_for: Callable[[Upstream], RelayClient] | None = None,
         store_up: Callable[[], bool] | None = None,
         deny_without_store: bool = False,
+        realtime_moderation: ModerationHook | None = None,
+        tls_policy: IPolicyForHTTPS | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -82,6 +87,21 @@ class ProxyResource(Resource):
             accounting=accounting,
             upstreams=upstreams,
             client_for=client_for,
+        )
+        self._realtime = RealtimeRelay(
+            reactor,
+            keys or KeyPolicy(config.proxy_keys, config.openai_keys),
+            Upstreams(config.upstream, config.routes),
+            metrics,
+            accounting=accounting,
+            timeout=config.timeout,
+            send_timeout=config.send_timeout,
+            ping_interval=config.ws_ping_interval,
+            max_message=config.ws_max_message,
+            track=drain.track_session,
+            draining=lambda: drain.draining,
+            moderation=realtime_moderation,
+            policy=tls_policy,
         )
         self._usage_page = usage_page
         self._store_up = store_up
@@ -119,6 +139,9 @@ class ProxyResource(Resource):
         return grant
 
     def render(self, request: Request) -> bytes | int:
+        if wants_websocket(request.requestHeaders) and request.uri.startswith(b"/"):
+            # A session is tracked, counted and logged by the relay.
+            return self._realtime.render(request)
         self._drain.track(request)
         request.setHeader(b"x-proxy-request-id", new_request_id().encode("ascii"))
         # Metrics are for the operator's scraper, never for a web page's script.

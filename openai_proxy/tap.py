@@ -80,6 +80,18 @@ _CORE_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
     ("cors-origins", "CORS_ORIGINS", "*", "Allowed CORS origins, comma-separated."),
     ("workers", "WORKERS", "1", "Processes serving the ports: a number or auto."),
     ("grace", "GRACE", "30", "Seconds to let requests finish on SIGTERM."),
+    (
+        "ws-ping-interval",
+        "WS_PING_INTERVAL",
+        "30",
+        "Seconds between WebSocket keep-alive pings.",
+    ),
+    (
+        "ws-max-message",
+        "WS_MAX_MESSAGE",
+        "16777216",
+        "Largest WebSocket message in bytes (else close 1009).",
+    ),
     ("log-format", "LOG_FORMAT", "text", "text, or json (NDJSON on stdout)."),
     (
         "metrics-listen",

@@ -193,6 +193,15 @@ class ComposeTests(TestCase):
         )
         self.assertIn(f"server proxy:{_default_port()};", self.conf)
 
+    def test_nginx_passes_websocket_upgrades(self) -> None:
+        directives = {
+            line.strip().rstrip(";") for line in self.conf.splitlines() if line.strip()
+        }
+        self.assertIn("proxy_set_header Upgrade $http_upgrade", directives)
+        self.assertIn("proxy_set_header Connection $connection_upgrade", directives)
+        self.assertIn("map $http_upgrade $connection_upgrade {", directives)
+        self.assertIn("default upgrade", directives)
+
     def test_nginx_streams_server_sent_events(self) -> None:
         directives = {
             line.strip().rstrip(";") for line in self.conf.splitlines() if line.strip()

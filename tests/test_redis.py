@@ -236,3 +236,14 @@ class RedisWindowTests(TestCase):
         refused = await store.admit(key, "t2")
         self.assertEqual((refused.denied, refused.tokens_used), ("tokens", 10))
         self.assertTrue(14 <= refused.retry_after <= 16, refused)
+
+    async def test_tokens_charged_mid_session_keep_the_slot(self) -> None:
+        store = await self.start()
+        key = NamedKey("w", b"x" * 32, tpm=10, concurrency=1)
+        self.assertIsNone((await store.admit(key, "t1")).denied)
+        store.charge(key, Usage(3, 3))  # a session's turn: the slot stays held
+        refused = await store.admit(key, "t2")
+        self.assertEqual((refused.denied, refused.tokens_used), ("concurrency", 6))
+        store.settle(key, "t1", None)
+        admitted = await store.admit(key, "t3")
+        self.assertEqual((admitted.denied, admitted.tokens_used), (None, 6))

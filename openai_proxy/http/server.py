@@ -12,7 +12,7 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,6 +22,7 @@ from twisted.web.server import Request, Site
 
 from openai_proxy.http import errors
 from openai_proxy.http.errors import ProxyError
+from openai_proxy.http.upgrade import authorization_of
 from openai_proxy.telemetry.access import log_request
 from openai_proxy.telemetry.logs import new_request_id
 
@@ -271,6 +272,34 @@ class ProxyChannel(HTTPChannel):
         self._cancel_deadline()
         super().connectionLost(reason)
 
+    def hand_over(self, protocol: IProtocol, head: bytes) -> bytes:
+        """
+        Give this connection to C{protocol} (a WebSocket session) after
+        writing C{head} (the C{101} response): from now on every byte it
+        receives goes there, and so does the loss of the connection.  The
+        request in progress is never finished.  Returns the bytes the client
+        sent early (buffered while its request was handled), for the caller
+        to give C{protocol} once it is ready for them.
+
+        Leans on twisted.web's private C{_dataBuffer} (the early bytes) and
+        on the channel being the transport's producer; pinned by
+        tests/test_realtime_relay.py (C{test_hand_over_leans_on_http_channel}).
+        """
+        transport: Any = self.transport
+        assert transport is not None
+        early = b"".join(self._dataBuffer)
+        self._dataBuffer = []
+        self._cancel_deadline()
+        self.setTimeout(None)
+        # The channel paces its own reads as a producer: the session does.
+        transport.unregisterProducer()
+        self.dataReceived = protocol.dataReceived  # type: ignore[method-assign]
+        self.connectionLost = protocol.connectionLost  # type: ignore[method-assign,assignment]
+        transport.write(head)
+        protocol.makeConnection(transport)
+        transport.resumeProducing()
+        return early
+
     def _start_deadline(self) -> None:
         self._cancel_deadline()
         self._deadline = self.callLater(self.site.header_timeout, self._too_slow)
@@ -372,7 +401,7 @@ class ProxySite(Site):
             request.grant = self._authorize(
                 getattr(channel, "_command", b""),
                 target.split(b"?", 1)[0],
-                authorization[0] if authorization else None,
+                authorization[0] if authorization else authorization_of(headers),
             )
         except ProxyError as e:
             return e

@@ -21,6 +21,7 @@ from openai_proxy.keys.limits import (
     Limiter,
     LimitsUnavailable,
     LocalLimiter,
+    Usage,
     rate_headers,
     rate_limited,
 )
@@ -130,6 +131,10 @@ class Accounting:
         self._unsettled += 1
         return Account(self, key, ticket, decision, injected, request_bytes)
 
+    def _charge(self, account: Account, usage: Usage) -> None:
+        self._metrics.tokens(account.key.name, usage.prompt, usage.completion)
+        self.limiter.charge(account.key, usage)
+
     def _settle(self, account: Account) -> None:
         usage = account.meter.usage if account.meter is not None else None
         if usage is not None:
@@ -162,6 +167,8 @@ class Account:
         self.injected = injected
         self.request_bytes = request_bytes
         self.meter: Meter | None = None
+        #: Tokens charged with L{charge} so far.
+        self.charged = 0
         self._closed = False
 
     def decorate(self, request: Request) -> None:
@@ -192,6 +199,26 @@ class Account:
         """The reply body ended (normally or not)."""
         if self.meter is not None:
             self.meter.end()
+
+    def charge(self, usage: Usage) -> None:
+        """
+        Charge tokens as they are reported while the request goes on (a
+        WebSocket session's turns): counted against C{tpm} and in the usage
+        report at once, not when it ends.
+        """
+        self.charged += usage.prompt + usage.completion
+        self._accounting._charge(self, usage)
+
+    def over_tokens(self) -> bool:
+        """
+        Whether the key has spent its C{tpm}: what the window held when this
+        request was admitted, plus what this request was charged since.
+        """
+        tpm = self.key.tpm
+        if tpm is None:
+            return False
+        before = self.decision.tokens_used if self.decision is not None else 0
+        return before + self.charged >= tpm
 
     def close(self) -> None:
         """The request ended: free its slot and charge its tokens (once)."""

@@ -96,6 +96,12 @@ class Limiter(Protocol):
     def settle(self, key: NamedKey, ticket: str, usage: Usage | None) -> None:
         """An admitted request ended: free its slot, charge its tokens."""
 
+    def charge(self, key: NamedKey, usage: Usage) -> None:
+        """
+        Charge tokens to C{key} while its request goes on (a WebSocket
+        session's turns), without freeing its slot.
+        """
+
     def report(self, now: float, names: Sequence[str] = ()) -> Deferred[Report]:
         """
         Usage counts for the day and month of C{now}, with what each key of
@@ -313,12 +319,15 @@ class LocalLimiter:
         return over_quota(key, today, month)
 
     def settle(self, key: NamedKey, ticket: str, usage: Usage | None) -> None:
-        now = self.clock()
         state = self._keys.get(key.name)
         if state is not None and state.in_flight > 0:
             state.in_flight -= 1
-        if usage is None:
-            return
+        if usage is not None:
+            self.charge(key, usage)
+
+    def charge(self, key: NamedKey, usage: Usage) -> None:
+        now = self.clock()
+        state = self._keys.get(key.name)
         spent = usage.prompt + usage.completion
         if state is not None and key.tpm is not None and spent > 0:
             state.tokens.trim(now)

@@ -387,6 +387,9 @@ class RedisStore:
             if key.concurrency is None:
                 return  # nothing to free, nothing to charge
             usage = _NO_USAGE
+        self._settle_script(key, ticket, usage)
+
+    def _settle_script(self, key: NamedKey, ticket: str, usage: Usage) -> None:
         day, month = self._usage_keys()
         cached = self._settle_heads.get(key.name)
         if cached is None or cached[0] is not key or cached[1] != day:
@@ -409,6 +412,11 @@ class RedisStore:
         # Not waited for: the request has its answer already.
         if not self._redis.evalsha(_SETTLE, command, _settled):
             _not_recorded("Redis is not connected")
+
+    def charge(self, key: NamedKey, usage: Usage) -> None:
+        # The settle script with a ticket that holds no slot: it only charges.
+        if usage.prompt + usage.completion > 0:
+            self._settle_script(key, "-", usage)
 
     @property
     def in_flight(self) -> int:

@@ -55,6 +55,14 @@ class TrackableRequest(Protocol):
     def setHeader(self, name: bytes, value: bytes) -> None: ...
 
 
+class TrackableSession(Protocol):
+    """What L{DrainService.track_session} needs of a WebSocket session."""
+
+    done: Deferred[None]
+
+    def go_away(self) -> None: ...
+
+
 class DrainService(Service):
     """
     Tracks in-flight requests; on L{stopService}, waits for them (at most
@@ -84,12 +92,18 @@ class DrainService(Service):
         self.grace = grace
         self.draining = False
         self._in_flight: dict[TrackableRequest, None] = {}
+        self._sessions: dict[TrackableSession, None] = {}
         self._idle: list[Deferred[None]] = []
 
     @property
     def in_flight(self) -> int:
         """How many tracked requests have not finished yet."""
         return len(self._in_flight)
+
+    @property
+    def sessions(self) -> int:
+        """How many tracked WebSocket sessions are open."""
+        return len(self._sessions)
 
     def track(self, request: TrackableRequest) -> None:
         """
@@ -104,6 +118,19 @@ class DrainService(Service):
             _close_after(request)
         request.notifyFinish().addBoth(self._finished, request)
 
+    def track_session(self, session: TrackableSession) -> None:
+        """
+        Count a WebSocket session as in flight until its C{done} fires.  A
+        drain lets sessions run for the grace period, then closes them with
+        1001 (C{go_away}).
+        """
+        self._sessions[session] = None
+        session.done.addBoth(self._session_ended, session)
+
+    def _session_ended(self, result: object, session: TrackableSession) -> None:
+        self._sessions.pop(session, None)
+        self._notify_if_idle()
+
     def _finished(self, result: object, request: TrackableRequest) -> None:
         # Either outcome (finished or lost) ends the request: swallow the
         # failure here, it is the relay's business, not ours.
@@ -111,14 +138,14 @@ class DrainService(Service):
         self._notify_if_idle()
 
     def _notify_if_idle(self) -> None:
-        if not self._in_flight:
+        if not self._in_flight and not self._sessions:
             waiting, self._idle = self._idle, []
             for d in waiting:
                 d.callback(None)
 
     def _until_idle(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        if self._in_flight:
+        if self._in_flight or self._sessions:
             self._idle.append(d)
         else:
             d.callback(None)
@@ -135,10 +162,12 @@ class DrainService(Service):
         self.draining = True
         for request in self._in_flight:
             _close_after(request)
-        if self._in_flight:
+        if self._in_flight or self._sessions:
             _log.info(
-                "Draining {count} in-flight request(s), for up to {grace} s",
+                "Draining {count} in-flight request(s) and {sessions} "
+                "WebSocket session(s), for up to {grace} s",
                 count=len(self._in_flight),
+                sessions=len(self._sessions),
                 grace=self.grace,
             )
         return Deferred.fromCoroutine(self._drain())
@@ -166,6 +195,9 @@ class DrainService(Service):
         )
         for request in remaining:
             _abort(request)
+        for session in list(self._sessions):
+            session.go_away()
+        self._sessions.clear()
         # Stop waiting even if some transport never reports the loss: the
         # extra reactor turn that follows lets the aborts complete.
         self._in_flight.clear()

@@ -44,6 +44,8 @@ from openai_proxy.moderation import Moderation, Plan
 from openai_proxy.realtime.filters import Message, Peer
 from openai_proxy.realtime.moderate_client import ClientSide
 from openai_proxy.realtime.moderate_upstream import UpstreamSide
+from openai_proxy.realtime.relay import ModerationHook, SessionAsk
+from openai_proxy.realtime.session import FilterFactory
 
 #: The handshake's query parameters that ask for moderation; they never go
 #: upstream.
@@ -83,6 +85,42 @@ def session_moderation(
         elif piece:
             kept.append(piece)
     return moderation.session_plan(asked), b"&".join(kept)
+
+
+def moderation_hook(
+    moderation: Moderation, on_block: Callable[[], None] | None = None
+) -> ModerationHook:
+    """
+    The relay's L{ModerationHook}: for each handshake, a factory of the
+    L{ModerationFilter} its session is moderated with, or L{None}.
+
+    @raise openai_proxy.moderation.RequestRefused: as L{session_moderation}.
+    """
+
+    def hook(ask: SessionAsk) -> FilterFactory | None:
+        asked: dict[str, object] = {
+            name: value
+            for name, value in (
+                ("moderation", ask.moderation),
+                ("moderation_level", ask.level),
+            )
+            if value is not None
+        }
+        plan = moderation.session_plan(asked)
+        if plan is None:
+            return None
+        moderated: Plan = plan
+        responses = ask.path.rstrip(b"/").endswith(b"/responses")
+        return lambda client, upstream: ModerationFilter(
+            client,
+            upstream,
+            moderated,
+            ask.upstream_key,
+            responses=responses,
+            on_block=on_block,
+        )
+
+    return hook
 
 
 class ModerationFilter:

@@ -61,3 +61,46 @@ def log_request(
     event["log_format"] = LINE_FORMAT
     event["log_time"] = time()
     _log.observer(event)
+
+
+def log_session(
+    *,
+    path: bytes,
+    key: str | None,
+    duration: float,
+    messages_in: int,
+    bytes_in: int,
+    messages_out: int,
+    bytes_out: int,
+    close_code: int | None,
+    closed_by: str,
+    upstream: str | None,
+    request_id: str | None,
+) -> None:
+    """
+    Log one WebSocket session when it ends: C{_in} is what the client sent,
+    C{_out} what it was sent (messages, payload bytes).  C{path} without its
+    query, as for L{log_request}; C{key} is the named key's name, if any.
+    """
+    path_text = path.decode("ascii", "replace")
+    duration_ms = round(duration * 1000.0, 3)
+    code = "-" if close_code is None else str(close_code)
+    _log.info(
+        "{line}",
+        line=f"WS {path_text} close={code} by={closed_by} {duration_ms:.1f}ms "
+        f"in={messages_in}/{bytes_in}B out={messages_out}/{bytes_out}B "
+        f"key={key or '-'} upstream={upstream or '-'} id={request_id or '-'}",
+        method="WS",
+        path=path_text,
+        status=101,
+        close_code=close_code,
+        closed_by=closed_by,
+        duration_ms=duration_ms,
+        messages_in=messages_in,
+        bytes_in=bytes_in,
+        messages_out=messages_out,
+        bytes_out=bytes_out,
+        key=key,
+        upstream=upstream or "-",
+        request_id=request_id,
+    )

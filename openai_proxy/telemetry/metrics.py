@@ -327,6 +327,35 @@ class Metrics:
             registry=registry,
         )
         self._upstream_children: dict[str, tuple[Any, Any]] = {}
+        self._ws_sessions = Gauge(
+            "openai_proxy_websocket_sessions",
+            "WebSocket sessions open.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        ws_messages = Counter(
+            "openai_proxy_websocket_messages",
+            "WebSocket messages relayed, by direction (upstream: from the client).",
+            ("direction",),
+            registry=registry,
+        )
+        ws_bytes = Counter(
+            "openai_proxy_websocket_bytes",
+            "WebSocket message payload bytes relayed, by direction.",
+            ("direction",),
+            registry=registry,
+        )
+        self._ws_closes = Counter(
+            "openai_proxy_websocket_closes",
+            "WebSocket sessions ended, by close code (1006: dropped without one).",
+            ("code",),
+            registry=registry,
+        )
+        self._ws_messages = (
+            ws_messages.labels("upstream"),
+            ws_messages.labels("client"),
+        )
+        self._ws_bytes = (ws_bytes.labels("upstream"), ws_bytes.labels("client"))
         self._key_names: set[str] = set()
         self._token_children: dict[str, tuple[Any, Any]] = {}
 
@@ -440,6 +469,24 @@ class Metrics:
             children[0].inc(prompt)
         if completion > 0:
             children[1].inc(completion)
+
+    def websocket_opened(self) -> None:
+        """Count a WebSocket session as open."""
+        self._ws_sessions.inc()
+
+    def websocket_messages(self, to_upstream: bool, messages: int, size: int) -> None:
+        """Count C{messages} relayed towards the upstream (else the client)."""
+        index = 0 if to_upstream else 1
+        self._ws_messages[index].inc(messages)
+        self._ws_bytes[index].inc(size)
+
+    def websocket_closed(self, code: int | None) -> None:
+        """Count a WebSocket session as ended with C{code}."""
+        self._ws_sessions.dec()
+        label = str(code) if code is not None and 1000 <= code <= 4999 else "other"
+        if code is None or code == 1005:
+            label = "1005"
+        self._ws_closes.labels(label).inc()
 
     def rate_limited(self, key: str, limit: str) -> None:
         """Count a request on the named key C{key} refused by C{limit}."""

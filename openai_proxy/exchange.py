@@ -122,11 +122,7 @@ def upstream_error(failure: Failure) -> ProxyError:
     """
     value = failure.value
     if isinstance(value, EgressProxyError):
-        if value.kind == "auth_failed":
-            return errors.egress_proxy_auth_failed(value.status)
-        if value.kind == "refused":
-            return errors.egress_proxy_refused(value.status)
-        return errors.egress_proxy_unreachable()
+        return errors.egress_proxy_error(value.kind, value.status)
     if isinstance(failure.value, ResponseFailed):
         # Connected and sent (ResponseNeverReceived) or some of the head
         # came back: either way the upstream was reached.

@@ -102,6 +102,7 @@ class ProxyResource(Resource):
             draining=lambda: drain.draining,
             moderation=realtime_moderation,
             policy=tls_policy,
+            egress=config.egress,
         )
         self._usage_page = usage_page
         self._store_up = store_up

@@ -636,3 +636,54 @@ class TMSEgressTests(TestCase):
             Config.load({}, settings)
         self.assertIn("PySocks", str(e.exception))
         Config.load({}, {**settings, "NO_PROXY": "tms.tencentcloudapi.com"})
+
+
+class WebSocketEgressTests(TestCase):
+    """The WebSocket relay's upstream hop goes through the egress proxy too."""
+
+    def open_session(self, proxy: Proxy) -> Deferred[Any]:
+        from tests.test_realtime_relay import events_until
+
+        url = proxy.url.replace("http://", "ws://") + "/v1/realtime?model=gpt-realtime"
+
+        def run() -> Any:
+            from websockets.exceptions import InvalidStatus
+            from websockets.sync.client import connect
+
+            try:
+                with connect(
+                    url,
+                    additional_headers=AUTH,
+                    compression=None,
+                    open_timeout=5,
+                ) as ws:
+                    return events_until(ws, "session.created")[-1]["type"]
+            except InvalidStatus as e:
+                return e.response.status_code, json.loads(e.response.body)
+
+        return deferToThread(run)
+
+    async def test_a_session_goes_through_connect(self) -> None:
+        if SKIP_TINYPROXY:
+            raise SkipTest(SKIP_TINYPROXY)
+        from tests.fake_realtime import FakeRealtime
+
+        fake = FakeRealtime()
+        upstream = fake.start(self)
+        tiny = await TinyProxy.start(self)
+        proxy = Proxy(self, {"UPSTREAM": upstream, "HTTP_PROXY": tiny.url})
+        self.assertEqual(await self.open_session(proxy), "session.created")
+        self.assertIn("CONNECT 127.0.0.1:", tiny.daemon.output)
+
+    async def test_an_unreachable_proxy_refuses_the_handshake_with_502(self) -> None:
+        from tests.fake_realtime import FakeRealtime
+
+        fake = FakeRealtime()
+        upstream = fake.start(self)
+        dead = await closed_port_url()
+        proxy = Proxy(self, {"UPSTREAM": upstream, "HTTP_PROXY": dead})
+        status, body = await self.open_session(proxy)
+        self.assertEqual(
+            (status, body["error"]["code"]), (502, "egress_proxy_unreachable")
+        )
+        self.assertEqual(fake.handshakes, [])

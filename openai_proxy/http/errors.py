@@ -205,3 +205,15 @@ def egress_proxy_refused(status: str | None) -> ProxyError:
         "egress_proxy_refused",
         "api_error",
     )
+
+
+def egress_proxy_error(kind: str, status: str | None) -> ProxyError:
+    """
+    The 502 error for an egress proxy's failure of this C{kind}
+    (C{auth_failed}, C{refused}, else unreachable), wherever it is met.
+    """
+    if kind == "auth_failed":
+        return egress_proxy_auth_failed(status)
+    if kind == "refused":
+        return egress_proxy_refused(status)
+    return egress_proxy_unreachable()

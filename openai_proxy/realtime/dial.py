@@ -31,6 +31,9 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from openai_proxy.upstream.egress import EgressProxy, endpoint_to
+from openai_proxy.upstream.tunnel import EgressProxyError
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -57,13 +60,15 @@ class Refused(NamedTuple):
 class DialFailed(Exception):
     """
     No answer to the handshake: C{kind} is C{"timeout"} (none in time),
-    C{"reset"} (reached, but it broke off or answered nonsense) or
+    C{"reset"} (reached, but it broke off or answered nonsense),
+    C{"egress_proxy"} (the egress proxy failed: C{egress} says how) or
     C{"unreachable"}.
     """
 
     def __init__(self, kind: str, why: str) -> None:
         super().__init__(why)
         self.kind = kind
+        self.egress: EgressProxyError | None = None
 
 
 def _endpoint(
@@ -74,12 +79,17 @@ def _endpoint(
     server_name: str,
     timeout: float,
     policy: IPolicyForHTTPS,
+    proxy: EgressProxy | None = None,
 ) -> IStreamClientEndpoint:
     """
     The one place the upstream hop's connection is made: the endpoint for
-    C{host}:C{port}, TLS with C{server_name} checked when C{tls}.  (An
-    egress proxy would replace the plain endpoint here.)
+    C{host}:C{port}, TLS with C{server_name} checked when C{tls}, through
+    C{proxy}'s tunnel when there is one (TLS inside it, to the upstream).
     """
+    if proxy is not None:
+        return endpoint_to(
+            reactor, proxy, host, port, tls=tls, server_name=server_name, policy=policy
+        )
     endpoint: IStreamClientEndpoint
     # An address needs no lookup: HostnameEndpoint would still send it
     # through the resolver's thread pool, adding a thread hop per session.
@@ -207,14 +217,16 @@ async def dial(
     timeout: float,
     max_message: int,
     policy: IPolicyForHTTPS | None = None,
+    proxy: EgressProxy | None = None,
 ) -> Dialled:
     """
     Open a WebSocket to C{url} (C{ws://} or C{wss://}, path and query),
     sending C{headers} and offering C{subprotocols}; no extensions (no
     permessage-deflate).  The connection and the answer's head must come
-    within C{timeout} seconds.
+    within C{timeout} seconds; through C{proxy} (an egress proxy) if given.
 
-    @raise DialFailed: no answer.
+    @raise DialFailed: no answer (C{kind} C{egress_proxy} when the egress
+        proxy failed, with its error as C{egress}).
     """
     parts = urlsplit(url)
     tls = parts.scheme == "wss"
@@ -231,7 +243,14 @@ async def dial(
     websocket.send_request(request)
     handshake = _Handshake(websocket)
     endpoint = _endpoint(
-        reactor, host, port, tls, host, timeout, policy or BrowserLikePolicyForHTTPS()
+        reactor,
+        host,
+        port,
+        tls,
+        host,
+        timeout,
+        policy or BrowserLikePolicyForHTTPS(),
+        proxy,
     )
     connecting = endpoint.connect(_OneShot(handshake))
     timer: IDelayedCall = reactor.callLater(timeout, _give_up, connecting, handshake)
@@ -240,6 +259,10 @@ async def dial(
             await connecting
         except (CancelledError, ConnectingCancelledError, TimeoutError) as e:
             raise DialFailed("timeout", "the upstream did not answer in time") from e
+        except EgressProxyError as e:
+            failed = DialFailed("egress_proxy", str(e))
+            failed.egress = e
+            raise failed from e
         except Exception as e:
             raise DialFailed("unreachable", str(e)) from e
         answer = await handshake.answer

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -26,7 +26,7 @@ from websockets.protocol import Protocol as WebSocket
 from websockets.protocol import Side, State
 from websockets.server import ServerProtocol
 
-from openai_proxy.http.errors import ProxyError, write_error
+from openai_proxy.http.errors import ProxyError, egress_proxy_error, write_error
 from openai_proxy.http.headers import REQUEST_DROPPED, RESPONSE_DROPPED, filtered
 from openai_proxy.http.upgrade import KEY_PROTOCOL, authorization_of, subprotocols
 from openai_proxy.keys.accounting import Account, Accounting
@@ -40,6 +40,7 @@ from openai_proxy.telemetry.access import log_request, log_session
 from openai_proxy.telemetry.logs import new_request_id
 from openai_proxy.telemetry.metrics import Metrics, route_family
 from openai_proxy.upstream.client import Upstreams
+from openai_proxy.upstream.egress import EgressProxy, EgressSettings
 
 _log = Logger()
 
@@ -104,6 +105,8 @@ def _shutting_down() -> ProxyError:
 
 
 def _dial_error(failure: DialFailed) -> ProxyError:
+    if failure.egress is not None:
+        return egress_proxy_error(failure.egress.kind, failure.egress.status)
     if failure.kind == "timeout":
         return ProxyError(
             504,
@@ -176,6 +179,7 @@ class RealtimeRelay:
     @param track: told of each session as it opens (the drain).
     @param draining: whether new sessions are refused (503).
     @param moderation: the L{ModerationHook}, if sessions may be moderated.
+    @param egress: the egress proxy settings the upstream hop goes through.
     """
 
     def __init__(
@@ -194,6 +198,7 @@ class RealtimeRelay:
         draining: Callable[[], bool] = lambda: False,
         moderation: ModerationHook | None = None,
         policy: IPolicyForHTTPS | None = None,
+        egress: EgressSettings | None = None,
     ) -> None:
         self._reactor = reactor
         self._keys = keys
@@ -208,6 +213,7 @@ class RealtimeRelay:
         self._draining = draining
         self._moderation = moderation
         self._policy = policy
+        self._egress = egress
         self._open: dict[Session, _Open] = {}
         self._counting = LoopingCall(self._count)
         self._counting.clock = reactor
@@ -216,6 +222,15 @@ class RealtimeRelay:
     def sessions(self) -> list[Session]:
         """The sessions open now."""
         return list(self._open)
+
+    def _proxy_for(self, url: str) -> EgressProxy | None:
+        # The egress proxy the HTTP relay would use for this upstream.
+        if self._egress is None:
+            return None
+        parts = urlsplit(url)
+        tls = parts.scheme == "wss"
+        port = parts.port or (443 if tls else 80)
+        return self._egress.proxy_for(parts.scheme, parts.hostname or "", port)
 
     def render(self, request: Request) -> int:
         """Answer a WebSocket upgrade request (the resource hands it over)."""
@@ -298,6 +313,7 @@ class RealtimeRelay:
                     self._timeout,
                     self._max_message,
                     self._policy,
+                    self._proxy_for(ws_url),
                 )
             except DialFailed as e:
                 self._metrics.upstream_error(e.kind)

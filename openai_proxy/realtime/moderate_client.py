@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from openai_proxy.moderation import Plan
 from openai_proxy.moderation.inputs import input_text
 from openai_proxy.realtime.filters import Message, Peer
+from openai_proxy.realtime.held import HeldBytes
 from openai_proxy.realtime.messages import (
     PARSE_ON_REACTOR,
     AmbiguousEvent,
@@ -78,13 +79,11 @@ class ClientSide:
         self._plan = plan
         self._key = upstream_key
         self._responses = responses
-        self._max_held = max_held
         self._fail = fail
         self._waiting: deque[Message] = deque()
         self._judging = False
         self._pumping = False
-        self._held = 0
-        self._paused = False
+        self._held = HeldBytes(client, max_held)
         self._closed = False
 
     def take(self, message: Message) -> None:
@@ -92,10 +91,7 @@ class ClientSide:
         if self._closed:
             return
         self._waiting.append(message)
-        self._held += len(message.data)
-        if self._held > self._max_held and not self._paused:
-            self._paused = True
-            self._client.pause()
+        self._held.hold(len(message.data))
         self._pump()
 
     def _pump(self) -> None:
@@ -175,15 +171,12 @@ class ClientSide:
     def _done(self, message: Message, forward: bool) -> None:
         self._judging = False
         self._waiting.popleft()
-        self._held -= len(message.data)
         if forward:
             self._upstream.send(message)
-        # Only now: a resume may hand over the next message at once.
-        if self._paused and self._held <= self._max_held:
-            self._paused = False
-            self._client.resume()
+        self._held.release(len(message.data))
 
     def close(self) -> None:
         """The session ended: drop what is held, send nothing more."""
         self._closed = True
+        self._held.stop()
         self._waiting.clear()

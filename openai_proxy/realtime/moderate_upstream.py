@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from openai_proxy.moderation import Plan, StreamModerator
 from openai_proxy.realtime.filters import Message, Peer
+from openai_proxy.realtime.held import HeldBytes
 from openai_proxy.realtime.messages import (
     PARSE_ON_REACTOR,
     may_be,
@@ -81,7 +82,7 @@ class _Response:
         self.shape.sent(event.payload)
         self._side.client.send(Message(raw, True))
         # Only once sent: a resume may hand over the next message at once.
-        self._side.unhold(len(raw))
+        self._side.held.release(len(raw))
 
     def _stop_upstream(self) -> None:
         self._side.cancel(self)
@@ -113,7 +114,6 @@ class UpstreamSide:
         self.responses = responses
         self._plan = plan
         self._key = upstream_key
-        self._max_held = max_held
         self._fail = fail
         self._on_block = on_block
         self._open: dict[str, _Response] = {}
@@ -126,8 +126,8 @@ class UpstreamSide:
         self._incoming: deque[Message] = deque()
         self._parsing = False
         self._pumping = False
-        self._held = 0
-        self._paused = False
+        #: The bytes held from the upstream (its reading paused over the bound).
+        self.held = HeldBytes(upstream, max_held)
         self._closed = False
 
     def take(self, message: Message) -> None:
@@ -135,7 +135,7 @@ class UpstreamSide:
         if self._closed:
             return
         self._incoming.append(message)
-        self.hold(len(message.data))
+        self.held.hold(len(message.data))
         self._pump()
 
     def _pump(self) -> None:
@@ -164,7 +164,7 @@ class UpstreamSide:
             return
         elif self._route(message, parse(message.data)):
             return
-        self.unhold(len(message.data))
+        self.held.release(len(message.data))
 
     def _reads(self, data: bytes) -> bool:
         # Whether a message must be parsed: always when output is judged;
@@ -182,7 +182,7 @@ class UpstreamSide:
         self._pumping = True  # what comes meanwhile waits for this one
         try:
             if not self._route(message, payload):
-                self.unhold(len(message.data))
+                self.held.release(len(message.data))
         finally:
             self._pumping = False
         self._pump()
@@ -273,7 +273,7 @@ class UpstreamSide:
         for message in late:
             if not response.stopped and not self._closed:
                 self.client.send(message)
-            self.unhold(len(message.data))
+            self.held.release(len(message.data))
         if not response.stopped:
             for item, owner in list(self._owners.items()):
                 if owner == response.id:
@@ -296,7 +296,7 @@ class UpstreamSide:
                 self.client.send(to_message(event))
             if self._on_block is not None:
                 self._on_block()
-        self.unhold(held)
+        self.held.release(held)
 
     def cancel(self, response: _Response | None) -> None:
         """
@@ -312,20 +312,6 @@ class UpstreamSide:
         if response is not None:
             cancel["response_id"] = response.id
         self.upstream.send(to_message(cancel))
-
-    def hold(self, size: int) -> None:
-        """Count C{size} more bytes held from the upstream."""
-        self._held += size
-        if self._held > self._max_held and not self._paused and not self._closed:
-            self._paused = True
-            self.upstream.pause()
-
-    def unhold(self, size: int) -> None:
-        """Count C{size} bytes held from the upstream as gone."""
-        self._held -= size
-        if self._paused and self._held <= self._max_held and not self._closed:
-            self._paused = False
-            self.upstream.resume()
 
     def _judge_transcript(self, message: Message, payload: dict[str, Any]) -> None:
         transcript = payload.get("transcript")
@@ -363,6 +349,7 @@ class UpstreamSide:
     def close(self) -> None:
         """The session ended: drop what is held, send nothing more."""
         self._closed = True
+        self.held.stop()
         for response in list(self._open.values()):
             response.moderator.abandon()
         self._open.clear()

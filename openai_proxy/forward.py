@@ -152,7 +152,7 @@ class Forwarder:
                 raise _not_served(models)
             if grant.named is not None and self._accounting is not None:
                 account = exchange.account = await self._accounting.open(
-                    request, grant.named, injected
+                    grant.named, injected=injected, request_bytes=exchange.bytes_in
                 )
                 if exchange.gone:
                     return  # left while Redis decided

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
-from typing import IO
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -89,18 +88,18 @@ class Accounting:
         return d
 
     async def open(
-        self, request: Request, key: NamedKey, injected: bool = False
+        self, key: NamedKey, *, injected: bool = False, request_bytes: int = 0
     ) -> Account:
         """
         Admit a request on C{key} (whose body was checked already), or
         refuse it.  C{injected}: the proxy asked for the stream's usage.
+        C{request_bytes}: the client's body as it came, the prompt of an
+        estimate when the reply reports no usage.
 
         @raise ProxyError: 429 over a limit (C{insufficient_quota} over a
             quota), 503 when the limiter is down and
             C{on_error} is deny.
         """
-        # The client's body, as it came: an estimate's prompt.
-        request_bytes = _body_size(request)
         ticket = self._prefix + str(next(self._tickets))
         try:
             if self._decide is not None:
@@ -225,13 +224,3 @@ class Account:
         if not self._closed:
             self._closed = True
             self._accounting._settle(self)
-
-
-def _body_size(request: Request) -> int:
-    content: IO[bytes] | None = request.content
-    if content is None:
-        return 0
-    at = content.tell()
-    size = content.seek(0, 2)
-    content.seek(at)
-    return size

@@ -283,7 +283,7 @@ class RealtimeRelay:
                 if moderated is not None:
                     chain.append(moderated)
             if grant.named is not None and self._accounting is not None:
-                account = await self._accounting.open(request, grant.named)
+                account = await self._accounting.open(grant.named)
                 opened = account
                 # Nearest the upstream: it must see every response.done,
                 # the usage of a response moderation cut off included.

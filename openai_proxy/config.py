@@ -255,10 +255,9 @@ class Config:
         # HTTP, anything else is https.
         endpoint = self.moderation.tencent_endpoint
         plain = endpoint.lower().startswith("http://")
-        parts = urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
-        protocol = "http" if plain else "https"
-        port = parts.port or (80 if plain else 443)
-        proxy = self.egress.proxy_for(protocol, parts.hostname or "", port)
+        if not plain:
+            endpoint = "https://" + endpoint.split("://", 1)[-1]
+        proxy = self.egress.proxy_for_url(endpoint)
         return None if proxy is None else proxy.url()
 
     def _checked(self) -> Config:

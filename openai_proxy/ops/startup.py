@@ -88,10 +88,7 @@ def _egress(config: Config) -> str:
         targets.append(endpoint if "://" in endpoint else "https://" + endpoint)
     said: dict[str, str] = {}
     for url in targets:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        port = parts.port or (443 if scheme == "https" else 80)
-        proxy = config.egress.proxy_for(scheme, parts.hostname or "", port)
+        proxy = config.egress.proxy_for_url(url)
         said.setdefault(
             _host(url), "direct" if proxy is None else "via " + proxy.display()
         )

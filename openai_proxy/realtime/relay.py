@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -227,10 +227,7 @@ class RealtimeRelay:
         # The egress proxy the HTTP relay would use for this upstream.
         if self._egress is None:
             return None
-        parts = urlsplit(url)
-        tls = parts.scheme == "wss"
-        port = parts.port or (443 if tls else 80)
-        return self._egress.proxy_for(parts.scheme, parts.hostname or "", port)
+        return self._egress.proxy_for_url(url)
 
     def render(self, request: Request) -> int:
         """Answer a WebSocket upgrade request (the resource hands it over)."""

@@ -203,6 +203,16 @@ class EgressSettings:
         chosen = self.https if scheme in ("https", "wss") else self.http
         return chosen if chosen is not None else self.all
 
+    def proxy_for_url(self, url: str) -> EgressProxy | None:
+        """
+        L{proxy_for} the host and port of C{url} (C{http}, C{https}, C{ws}
+        or C{wss}; the port defaults to 443 for C{https} and C{wss}, else 80).
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or (443 if scheme in ("https", "wss") else 80)
+        return self.proxy_for(scheme, parts.hostname or "", port)
+
     def proxies(self) -> list[EgressProxy]:
         """Every proxy these settings may use."""
         found = [self.override, self.https, self.http, self.all]
